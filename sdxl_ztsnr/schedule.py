@@ -254,19 +254,22 @@ def plot_schedules(path: str, sigma_max: float = NAI_SIGMA_MAX) -> None:
 
     t = torch.arange(NUM_TRAIN_TIMESTEPS)
     curves = {
-        "SDXL (σ_max 14.6)": alphas_cumprod(ztsnr=False),
-        f"ZTSNR (σ_max {sigma_max:g})": alphas_cumprod(ztsnr=True, sigma_max=sigma_max),
-        "ZTSNR (σ_max 4096, diffusers)": alphas_cumprod(ztsnr=True, sigma_max=4096.0),
+        "SDXL (σ_max 14.6)": (alphas_cumprod(ztsnr=False), "-", 2.0),
+        f"ZTSNR (σ_max {sigma_max:g})": (alphas_cumprod(ztsnr=True, sigma_max=sigma_max), "-", 3.0),
+        "ZTSNR (σ_max 4096, diffusers)": (alphas_cumprod(ztsnr=True, sigma_max=4096.0), "--", 1.5),
     }
-    fig, (ax_sigma, ax_snr) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, alpha_bar in curves.items():
-        ax_sigma.plot(t, sigmas(alpha_bar), label=label)
-        ax_snr.plot(t, snr(alpha_bar).log(), label=label)
+    fig, (ax_sigma, ax_snr, ax_tail) = plt.subplots(1, 3, figsize=(15, 4))
+    tail = t >= 940
+    for label, (alpha_bar, style, width) in curves.items():
+        ax_sigma.plot(t, sigmas(alpha_bar), style, lw=width, label=label)
+        ax_snr.plot(t, snr(alpha_bar).log(), style, lw=width, label=label)
+        ax_tail.plot(t[tail], sigmas(alpha_bar)[tail], style, lw=width, marker=".", label=label)
     ax_sigma.set(yscale="log", xlabel="timestep t", ylabel="σ_t", title="noise level σ_t")
     ax_snr.set(xlabel="timestep t", ylabel="ln SNR_t", title="log signal-to-noise ratio")
-    for ax in (ax_sigma, ax_snr):
+    ax_tail.set(yscale="log", xlabel="timestep t", ylabel="σ_t", title="the last 60 steps")
+    for ax in (ax_sigma, ax_snr, ax_tail):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,116 @@
+"""One training step's pieces: the UNet call, the optimizer, and skipping non-finite steps without a sync."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from sdxl_ztsnr.losses import PredictionType, noise_batch, weighted_loss
+from sdxl_ztsnr.schedule import LossWeighting, sample_timesteps
+
+OptimizerName = Literal["adamw", "adamw8bit"]
+
+
+def unet_prediction(
+    unet: torch.nn.Module,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    time_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The SDXL UNet on (B, 4, h, w) latents with text (B, L, C), pooled (B, P) and size (B, 6) conditioning."""
+    dtype = next(unet.parameters()).dtype
+    return unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+        return_dict=False,
+    )[0]
+
+
+def training_loss(
+    unet: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    alpha_bar: torch.Tensor,
+    generator: torch.Generator | None = None,
+    weighting: LossWeighting = "min_snr",
+    snr_gamma: float = 5.0,
+    timestep_shift: float = 1.0,
+    prediction_type: PredictionType = "v_prediction",
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise a batch, run the UNet, return (weighted scalar loss, per-sample MSE (B,)).
+
+    ``batch`` holds latents (B, 4, h, w), prompt_embeds, pooled_prompt_embeds, time_ids and
+    optionally sample_weights (B,) — the tag-based loss weights. Timesteps and noise are drawn from
+    ``generator`` on the CPU unless given, so a run is reproducible on any device.
+    """
+    latents = batch["latents"]
+    if timesteps is None:
+        timesteps = sample_timesteps(len(latents), alpha_bar, timestep_shift, generator)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    timesteps, noise = timesteps.to(latents.device), noise.to(latents.device)
+    noised = noise_batch(latents.float(), noise, timesteps, alpha_bar, prediction_type)
+    prediction = unet_prediction(
+        unet,
+        noised.noisy_latents,
+        timesteps,
+        batch["prompt_embeds"],
+        batch["pooled_prompt_embeds"],
+        batch["time_ids"],
+    )
+    return weighted_loss(prediction, noised, weighting, snr_gamma, batch.get("sample_weights"))
+
+
+def build_optimizer(
+    params,
+    name: OptimizerName,
+    learning_rate: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 1e-2,
+    eps: float = 1e-8,
+    device_type: str = "cpu",
+) -> torch.optim.Optimizer:
+    """AdamW: fused where torch has a fused kernel (one launch per step, and it can skip a step on device)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused
+    )
+
+
+def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's fused Adam/AdamW, whose kernel reads ``found_inf`` and skips the update on device."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused"))
+
+
+def mark_nonfinite_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Tell a fused optimizer to skip this step when the gradient norm is not finite; returns the flag (0/1).
+
+    torch's fused Adam kernels take a ``found_inf`` tensor (the mechanism GradScaler uses) and leave
+    parameters, moments and the step count unchanged when it is 1 — decided on the device, so the
+    host never waits for the step to finish. A NaN/Inf loss gives a NaN gradient norm, hence a skip.
+    """
+    found_inf = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if supports_device_skip(inner):
+        inner.found_inf = found_inf
+    return found_inf
+
+
+def clear_nonfinite_mark(optimizer: torch.optim.Optimizer) -> None:
+    """Remove the ``found_inf`` attribute after the step so it never leaks into a later one."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if hasattr(inner, "found_inf"):
+        del inner.found_inf
