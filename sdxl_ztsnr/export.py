@@ -1,0 +1,389 @@
+"""Save a trained SDXL as a diffusers pipeline directory and as a single file in the original SDXL layout."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+CLIP_G_PREFIX = "conditioner.embedders.1.model."
+# Empty tensors that ComfyUI, A1111 and Forge read as "v-prediction" and "zero terminal SNR" (the SDXL
+# model_type check in ComfyUI's supported_models.py; NoobAI-XL v-pred ships them).
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+
+# The scheduler settings a ZTSNR v-prediction model needs at sampling time (Lin et al. 2023, sections 3.1-3.3).
+ZTSNR_SCHEDULER_SETTINGS = {
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
+
+
+def set_latent_stats(vae, latents_mean: list[float] | None, latents_std: list[float] | None) -> None:
+    """Write per-channel latent mean/std into `vae.config` (NAI V3 appendix; diffusers reads them on decode).
+
+    diffusers' SDXL pipeline then decodes with `latents * latents_std / scaling_factor + latents_mean` instead
+    of `latents / scaling_factor`, and its img2img pipeline encodes with
+    `(z - latents_mean) * scaling_factor / latents_std`: the UNet must have been trained on latents
+    normalised the same way. The pipelines view the lists as (1, 4, 1, 1), i.e. 4 latent channels.
+    None for both clears them (plain `scaling_factor` scaling).
+    """
+    if (latents_mean is None) != (latents_std is None):
+        raise ValueError("latent stats: pass both latents_mean and latents_std, or neither.")
+    if latents_mean is not None:
+        channels = vae.config.latent_channels
+        if len(latents_mean) != channels or len(latents_std) != channels:
+            raise ValueError(
+                f"latent stats: latents_mean/latents_std need {channels} values (vae.config.latent_channels), "
+                f"got {len(latents_mean)} and {len(latents_std)}."
+            )
+        if min(float(s) for s in latents_std) <= 0:
+            raise ValueError(f"latent stats: latents_std must be positive, got {list(latents_std)}.")
+        latents_mean, latents_std = [float(m) for m in latents_mean], [float(s) for s in latents_std]
+    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+
+
+def save_pipeline(
+    output_dir: str | Path,
+    unet,
+    vae,
+    text_encoders: tuple | list,
+    tokenizers: tuple | list,
+    scheduler_config: dict,
+    latents_mean: list[float] | None = None,
+    latents_std: list[float] | None = None,
+    force_zeros_for_empty_prompt: bool = True,
+) -> Path:
+    """Save a StableDiffusionXLPipeline (safetensors) that samples with v-prediction + ZTSNR out of the box.
+
+    `scheduler_config` builds an EulerDiscreteScheduler and must carry the three settings in
+    ZTSNR_SCHEDULER_SETTINGS. `latents_mean` / `latents_std` (one float per latent channel) go into the saved
+    VAE config, see set_latent_stats; the in-memory `vae` is left as it was. None keeps what its config has.
+    `force_zeros_for_empty_prompt` is SDXL's choice of all-zero embeddings for an empty negative prompt; set it
+    False when the model was trained with caption dropout to the encoded empty prompt.
+    Models must be unwrapped (not DDP/compiled wrappers); they are saved in their current dtype.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    wrong = {
+        k: scheduler_config.get(k)
+        for k, v in ZTSNR_SCHEDULER_SETTINGS.items()
+        if scheduler_config.get(k) != v
+    }
+    if wrong:
+        raise ValueError(
+            f"save_pipeline: scheduler_config has {wrong}; a ZTSNR model needs {ZTSNR_SCHEDULER_SETTINGS} "
+            "(use sdxl_ztsnr.schedule.scheduler_config())."
+        )
+    text_encoder, text_encoder_2 = text_encoders
+    tokenizer, tokenizer_2 = tokenizers
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    output_dir = Path(output_dir)
+    previous = (getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None))
+    if latents_mean is not None or latents_std is not None:
+        set_latent_stats(vae, latents_mean, latents_std)
+    try:
+        pipeline.save_pretrained(output_dir, safe_serialization=True)
+    finally:
+        vae.register_to_config(latents_mean=previous[0], latents_std=previous[1])
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single file in the original (Stability "sgm") layout. Module paths are derived from the diffusers module tree
+# (how many levels, resnets, attentions and resamplers it has), so the same code maps SDXL and tiny test models.
+
+# diffusers ResnetBlock2D -> sgm ResBlock sublayers.
+_RESNET_SUBLAYERS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP_LEVEL = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_ATTENTION_SUBLAYERS = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def _child_indices(keys: Iterable[str], prefix: str) -> list[int]:
+    """Sorted integer children of a module path, e.g. prefix 'down_blocks.' -> [0, 1, 2]."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def _has_module(keys: Iterable[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _add_resnet(table: dict[str, str], diffusers_prefix: str, original_prefix: str) -> None:
+    for new, old in _RESNET_SUBLAYERS.items():
+        table[f"{diffusers_prefix}.{new}"] = f"{original_prefix}.{old}"
+
+
+def unet_module_table(unet_keys: Iterable[str]) -> dict[str, str]:
+    """diffusers UNet module path -> sgm module path, from the UNet's own module tree (any depth/width)."""
+    keys = list(unet_keys)
+    table = dict(_UNET_TOP_LEVEL)
+    # input_blocks: one entry per resnet (+ its attention), then one per downsampler, in construction order.
+    index = 1
+    for level in _child_indices(keys, "down_blocks."):
+        block = f"down_blocks.{level}"
+        for j in _child_indices(keys, f"{block}.resnets."):
+            _add_resnet(table, f"{block}.resnets.{j}", f"input_blocks.{index}.0")
+            if _has_module(keys, f"{block}.attentions.{j}."):
+                table[f"{block}.attentions.{j}"] = f"input_blocks.{index}.1"
+            index += 1
+        if _has_module(keys, f"{block}.downsamplers.0."):
+            table[f"{block}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    # middle_block: resnet, attention, resnet.
+    _add_resnet(table, "mid_block.resnets.0", "middle_block.0")
+    table["mid_block.attentions.0"] = "middle_block.1"
+    _add_resnet(table, "mid_block.resnets.1", "middle_block.2")
+    # output_blocks: one entry per resnet; the upsampler sits in the level's last entry after the attention.
+    index = 0
+    for level in _child_indices(keys, "up_blocks."):
+        block = f"up_blocks.{level}"
+        resnets = _child_indices(keys, f"{block}.resnets.")
+        for j in resnets:
+            slot = 1
+            _add_resnet(table, f"{block}.resnets.{j}", f"output_blocks.{index}.0")
+            if _has_module(keys, f"{block}.attentions.{j}."):
+                table[f"{block}.attentions.{j}"] = f"output_blocks.{index}.1"
+                slot = 2
+            if j == resnets[-1] and _has_module(keys, f"{block}.upsamplers.0."):
+                table[f"{block}.upsamplers.0.conv"] = f"output_blocks.{index}.{slot}.conv"
+            index += 1
+    return table
+
+
+def vae_module_table(vae_keys: Iterable[str]) -> dict[str, str]:
+    """diffusers AutoencoderKL module path -> sgm/ldm module path (decoder levels are stored in reverse)."""
+    keys = list(vae_keys)
+    table = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for part in ("encoder", "decoder"):
+        table[f"{part}.conv_in"] = f"{part}.conv_in"
+        table[f"{part}.conv_out"] = f"{part}.conv_out"
+        table[f"{part}.conv_norm_out"] = f"{part}.norm_out"
+        for j in (0, 1):
+            for new in ("norm1", "conv1", "norm2", "conv2"):
+                table[f"{part}.mid_block.resnets.{j}.{new}"] = f"{part}.mid.block_{j + 1}.{new}"
+            table[f"{part}.mid_block.resnets.{j}.conv_shortcut"] = f"{part}.mid.block_{j + 1}.nin_shortcut"
+        for new, old in _VAE_ATTENTION_SUBLAYERS.items():
+            table[f"{part}.mid_block.attentions.0.{new}"] = f"{part}.mid.attn_1.{old}"
+    for level in _child_indices(keys, "encoder.down_blocks."):
+        block = f"encoder.down_blocks.{level}"
+        for j in _child_indices(keys, f"{block}.resnets."):
+            for new in ("norm1", "conv1", "norm2", "conv2"):
+                table[f"{block}.resnets.{j}.{new}"] = f"encoder.down.{level}.block.{j}.{new}"
+            table[f"{block}.resnets.{j}.conv_shortcut"] = f"encoder.down.{level}.block.{j}.nin_shortcut"
+        table[f"{block}.downsamplers.0.conv"] = f"encoder.down.{level}.downsample.conv"
+    up_levels = _child_indices(keys, "decoder.up_blocks.")
+    for level in up_levels:
+        block, original = f"decoder.up_blocks.{level}", f"decoder.up.{len(up_levels) - 1 - level}"
+        for j in _child_indices(keys, f"{block}.resnets."):
+            for new in ("norm1", "conv1", "norm2", "conv2"):
+                table[f"{block}.resnets.{j}.{new}"] = f"{original}.block.{j}.{new}"
+            table[f"{block}.resnets.{j}.conv_shortcut"] = f"{original}.block.{j}.nin_shortcut"
+        table[f"{block}.upsamplers.0.conv"] = f"{original}.upsample.conv"
+    return table
+
+
+def _rename(
+    state_dict: Mapping[str, torch.Tensor], table: dict[str, str], what: str
+) -> dict[str, torch.Tensor]:
+    """Rename every key by its longest module-path prefix found in `table`; fail on any key left unmapped."""
+    out, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:cut])
+            if module in table:
+                out[table[module] + "." + ".".join(parts[cut:])] = tensor
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(
+            f"{what}: {len(unmapped)} keys have no place in the original SDXL layout, e.g. {unmapped[:5]}. "
+            "Pass a plain diffusers state dict (LoRA/PEFT adapters merged, no wrapper prefixes)."
+        )
+    if len(out) != len(state_dict):
+        raise ValueError(
+            f"{what}: {len(state_dict) - len(out)} keys collided when renamed; the table is wrong."
+        )
+    return out
+
+
+def unet_to_original_state_dict(unet_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel state dict -> sgm `model.diffusion_model.*` keys (tensors unchanged)."""
+    renamed = _rename(unet_state_dict, unet_module_table(unet_state_dict.keys()), "UNet")
+    return {UNET_PREFIX + k: v for k, v in renamed.items()}
+
+
+def vae_to_original_state_dict(vae_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL state dict -> `first_stage_model.*` keys; attention linears become 1x1 convs."""
+    renamed = _rename(vae_state_dict, vae_module_table(vae_state_dict.keys()), "VAE")
+    out = {}
+    for key, tensor in renamed.items():
+        # ldm's AttnBlock uses Conv2d(C, C, 1) for q/k/v/proj_out: (C, C) -> (C, C, 1, 1).
+        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+            tensor = tensor.reshape(*tensor.shape, 1, 1)
+        out[VAE_PREFIX + key] = tensor
+    return out
+
+
+def _text_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise CLIP keys to `text_model.*` (transformers >= 5.6 saves CLIPTextModel without that level)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("text_model.") or key == "text_projection.weight":
+            out[key] = tensor
+        else:
+            out["text_model." + key] = tensor
+    return out
+
+
+def clip_l_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel -> `conditioner.embedders.0.transformer.text_model.*` (same names otherwise)."""
+    out = {CLIP_L_PREFIX + k: v for k, v in _text_model_keys(state_dict).items()}
+    if CLIP_L_PREFIX + "text_projection.weight" in out:
+        raise ValueError(
+            "CLIP-L: got a text_projection; pass the first encoder (CLIPTextModel), not encoder 2."
+        )
+    return out
+
+
+_OPEN_CLIP_LAYER_SUBLAYERS = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def clip_g_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection -> open_clip layout under `conditioner.embedders.1.model.*`.
+
+    q/k/v projections are concatenated into `attn.in_proj_weight` / `in_proj_bias` (torch MultiheadAttention)
+    and the projection is stored transposed, (hidden, projection_dim), as open_clip applies `x @ text_projection`.
+    """
+    sd = _text_model_keys(state_dict)
+    if "text_projection.weight" not in sd:
+        raise ValueError("CLIP-G: no text_projection.weight; pass encoder 2 (CLIPTextModelWithProjection).")
+    out = {
+        "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
+        "text_projection": sd.pop("text_projection.weight").t().contiguous(),
+    }
+    for layer in _child_indices(sd, "text_model.encoder.layers."):
+        src, dst = f"text_model.encoder.layers.{layer}", f"transformer.resblocks.{layer}"
+        for param in ("weight", "bias"):
+            qkv = [sd.pop(f"{src}.self_attn.{p}_proj.{param}") for p in ("q", "k", "v")]
+            out[f"{dst}.attn.in_proj_{param}"] = torch.cat(qkv, dim=0)
+            for new, old in _OPEN_CLIP_LAYER_SUBLAYERS.items():
+                out[f"{dst}.{old}.{param}"] = sd.pop(f"{src}.{new}.{param}")
+    if sd:
+        raise ValueError(
+            f"CLIP-G: {len(sd)} keys have no place in the open_clip layout, e.g. {list(sd)[:5]}."
+        )
+    return {CLIP_G_PREFIX + k: v for k, v in out.items()}
+
+
+def original_state_dict(
+    unet_state_dict: Mapping[str, torch.Tensor],
+    vae_state_dict: Mapping[str, torch.Tensor],
+    text_encoder_state_dict: Mapping[str, torch.Tensor],
+    text_encoder_2_state_dict: Mapping[str, torch.Tensor],
+    v_pred: bool = True,
+    ztsnr: bool = True,
+) -> dict[str, torch.Tensor]:
+    """All four diffusers components in one original-layout state dict, plus the v_pred / ztsnr markers."""
+    if ztsnr and not v_pred:
+        raise ValueError(
+            "save_single_file: ztsnr=True needs v_pred=True (an eps model cannot predict at SNR 0)."
+        )
+    out: dict[str, torch.Tensor] = {}
+    for part in (
+        unet_to_original_state_dict(unet_state_dict),
+        vae_to_original_state_dict(vae_state_dict),
+        clip_l_to_original_state_dict(text_encoder_state_dict),
+        clip_g_to_original_state_dict(text_encoder_2_state_dict),
+    ):
+        out.update(part)
+    if v_pred:
+        out[V_PRED_KEY] = torch.tensor([])
+    if ztsnr:
+        out[ZTSNR_KEY] = torch.tensor([])
+    return out
+
+
+def save_single_file(
+    path: str | Path,
+    unet_state_dict: Mapping[str, torch.Tensor],
+    vae_state_dict: Mapping[str, torch.Tensor],
+    text_encoder_state_dict: Mapping[str, torch.Tensor],
+    text_encoder_2_state_dict: Mapping[str, torch.Tensor],
+    v_pred: bool = True,
+    ztsnr: bool = True,
+    dtype: torch.dtype | None = torch.float16,
+) -> Path:
+    """Write one `.safetensors` that ComfyUI / A1111 / Forge load as SDXL v-pred (+ ZTSNR); dtype=None keeps dtypes."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_single_file: {path} must end in .safetensors.")
+    state_dict = original_state_dict(
+        unet_state_dict, vae_state_dict, text_encoder_state_dict, text_encoder_2_state_dict, v_pred, ztsnr
+    )
+    tensors = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[key] = tensor.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Stability's model-spec header; loaders that ignore the marker tensors can read the prediction type here.
+    metadata = {
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
