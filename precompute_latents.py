@@ -1,0 +1,261 @@
+"""Precompute SDXL latents and text embeddings into a Hugging Face `datasets` cache.
+
+    python precompute_latents.py --train_data_dir images/ --pretrained_model_name_or_path MODEL \
+        --output_dir cache/
+    accelerate launch --num_processes 8 precompute_latents.py ...   # shards inputs across ranks
+
+Bucketed, sharded and resumable: rerun the same command after a crash (or kill) to finish the cache; on a
+finished cache it changes nothing. Bad inputs are skipped and listed in OUTPUT_DIR/skipped.jsonl. Load the
+result with `datasets.load_from_disk(OUTPUT_DIR)` or `sdxl_ztsnr.cache.load_cache(OUTPUT_DIR)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_argument_group("inputs")
+    data.add_argument(
+        "--train_data_dir", "--data_dir", help="folder of images + same-name .txt captions (recursive)"
+    )
+    data.add_argument(
+        "--dataset_name", help="HF dataset: Hub name, local load_dataset path or save_to_disk dir"
+    )
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument(
+        "--allow_empty_captions", action="store_true", help="keep images whose caption is empty"
+    )
+    data.add_argument(
+        "--min_image_side", type=int, default=0, help="skip images with a shorter side (px); 0 upscales"
+    )
+    data.add_argument("--max_image_pixels", type=int, default=None, help="decompression-bomb limit (w·h)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", "--model_path", required=True)
+    model.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
+    model.add_argument("--vae_dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    model.add_argument(
+        "--text_encoder_dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: fp16 on GPU, fp32 on CPU",
+    )
+    model.add_argument(
+        "--max_token_chunks", type=int, default=3, help="75-token chunks per prompt (3 = 225 tokens)"
+    )
+    model.add_argument(
+        "--text_online",
+        action="store_true",
+        help="store no text embeddings: the trainer encodes each step (allows tag dropout)",
+    )
+    buckets = parser.add_argument_group("buckets")
+    buckets.add_argument("--resolution", type=int, default=1024, help="maximum bucket area is resolution²")
+    buckets.add_argument("--bucket_step", type=int, default=64)
+    buckets.add_argument("--min_bucket_side", type=int, default=None, help="default resolution/2")
+    buckets.add_argument("--max_bucket_side", type=int, default=None, help="default resolution·2")
+    buckets.add_argument("--crop", choices=["center", "random"], default="center")
+    buckets.add_argument("--random_flip", "--flip", action="store_true", help="also store a mirrored copy")
+    buckets.add_argument("--seed", type=int, default=0, help="seeds random crops (per image, reproducible)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True)
+    run.add_argument("--overwrite", action="store_true", help="delete a cache made with other settings first")
+    run.add_argument("--shard_size", type=int, default=512, help="inputs per shard (unit of work and resume)")
+    run.add_argument(
+        "--vae_batch_pixels",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="VAE batch = this many pixels (8·1024² = 8 images at 1024²); halved on out-of-memory",
+    )
+    run.add_argument(
+        "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes"
+    )
+    run.add_argument("--no_progress", action="store_true")
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="publish the cache as a dataset repository")
+    hub.add_argument("--hub_repo_id", "--hub_model_id", help="e.g. user/my-sdxl-cache")
+    hub.add_argument("--hub_token")
+    hub.add_argument("--hub_private", action="store_true")
+    hub.add_argument("--hub_dry_run", action="store_true", help="stage and list the files, upload nothing")
+    parser.add_argument(
+        "--_debug_kill_at", help=argparse.SUPPRESS
+    )  # EVENT:N, SIGKILL on the N-th EVENT (tests)
+    args = parser.parse_args(argv)
+    if bool(args.train_data_dir) == bool(args.dataset_name):
+        parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
+    if args.push_to_hub and not args.hub_repo_id:
+        parser.error("--push_to_hub needs --hub_repo_id (e.g. user/my-sdxl-cache)")
+    return args
+
+
+def kill_hook(spec: str | None):
+    """Hook that SIGKILLs this process at the N-th occurrence of EVENT (spec "EVENT:N"): crash tests."""
+    if not spec:
+        return None
+    event, count = spec.rsplit(":", 1)
+    seen = {"n": 0}
+
+    def hook(name: str, shard: int) -> None:
+        if name == event:
+            seen["n"] += 1
+            if seen["n"] >= int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def format_summary(result: dict, output_dir: str) -> str:
+    """End-of-run report: rows, skipped by reason, buckets, time and throughput."""
+    metadata, run = result.get("metadata"), result.get("run", {})
+    if result["status"] == "already complete":
+        return f"cache already complete: {metadata['counts']['rows']} rows in {output_dir}; nothing changed"
+    lines = []
+    if run.get("inputs"):
+        seconds = run.get("seconds", 0.0)
+        lines.append(
+            f"this process: {run['inputs']} inputs -> {run.get('rows', 0)} rows in {seconds:.1f} s "
+            f"({run['inputs'] / max(seconds, 1e-9):.2f} img/s); waiting for images {run.get('wait_s', 0):.1f} s, "
+            f"encoding {run.get('encode_s', 0):.1f} s, waiting for the GPU {run.get('sync_s', 0):.1f} s, "
+            f"for writes {run.get('write_wait_s', 0):.1f} s"
+        )
+    if run.get("shards_resumed"):
+        lines.append(f"resumed: {run['shards_resumed']} shard(s) were already done")
+    if metadata is not None:
+        counts = metadata["counts"]
+        lines.append(f"cache {output_dir}: {counts['rows']} rows from {counts['inputs']} inputs")
+        lines.append(
+            f"skipped: {counts['skipped']}"
+            + "".join(f"\n  {k}: {n}" for k, n in counts["skipped_by_kind"].items())
+        )
+        if counts["skipped"]:
+            lines.append(f"  (path and reason of each in {Path(output_dir) / 'skipped.jsonl'})")
+        lines.append(
+            "buckets (height x width: rows): " + ", ".join(f"{b}: {n}" for b, n in counts["buckets"].items())
+        )
+        if counts["upscaled"]:
+            lines.append(f"upscaled (smaller than their bucket): {counts['upscaled']}")
+        if counts["truncated_prompts"]:
+            chunks = metadata["settings"]["max_token_chunks"]
+            lines.append(f"prompts truncated to {chunks} chunks: {counts['truncated_prompts']}")
+        lines.append(
+            "latents mean "
+            + ", ".join(f"{m:.4f}" for m in metadata["latents_mean"])
+            + "; std "
+            + ", ".join(f"{s:.4f}" for s in metadata["latents_std"])
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import datasets
+    from accelerate import PartialState
+
+    from sdxl_ztsnr import cache, hub
+    from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
+    from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs, load_vae, precompute
+    from sdxl_ztsnr.text_encoding import load_text_encoders
+
+    datasets.disable_progress_bars()  # our own tqdm bar counts images; save_to_disk's per-shard bars are noise
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes without CUDA: accelerate only sets up gloo when asked for the CPU explicitly.
+    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
+    if state.num_processes != launched:
+        sys.exit(
+            f"error: launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
+        )
+    if state.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few fixed bucket shapes: autotuning pays off
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # Inputs
+    if args.train_data_dir:
+        inputs = FolderInputs(args.train_data_dir)
+    else:
+        inputs = DatasetInputs(args.dataset_name, args.image_column, args.caption_column, args.dataset_split)
+    # Models
+    vae = load_vae(
+        args.pretrained_model_name_or_path,
+        DTYPES[args.vae_dtype],
+        state.device,
+        args.pretrained_vae_model_name_or_path,
+    )
+    tokenizers = text_encoders = None
+    if not args.text_online:
+        text_dtype = args.text_encoder_dtype
+        if text_dtype == "auto":
+            text_dtype = "fp16" if state.device.type == "cuda" else "fp32"
+        tokenizers, text_encoders = load_text_encoders(
+            args.pretrained_model_name_or_path, DTYPES[text_dtype], state.device
+        )
+    # Precompute (every rank), merge (rank 0)
+    info = {
+        "model": {
+            "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+            "pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
+        }
+    }
+    try:
+        result = precompute(
+            inputs,
+            args.output_dir,
+            vae,
+            tokenizers,
+            text_encoders,
+            resolution=args.resolution,
+            bucket_step=args.bucket_step,
+            min_bucket_side=args.min_bucket_side,
+            max_bucket_side=args.max_bucket_side,
+            crop=args.crop,
+            flip=args.random_flip,
+            seed=args.seed,
+            max_token_chunks=args.max_token_chunks,
+            min_image_side=args.min_image_side,
+            max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+            allow_empty_captions=args.allow_empty_captions,
+            shard_size=args.shard_size,
+            vae_batch_pixels=args.vae_batch_pixels,
+            num_workers=args.num_workers,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            overwrite=args.overwrite,
+            barrier=state.wait_for_everyone if state.num_processes > 1 else None,
+            hook=kill_hook(args._debug_kill_at),
+            progress=not args.no_progress,
+            info=info,
+        )
+    except cache.NoUsableInputsError as error:
+        sys.exit(f"error: {error}")
+    print(format_summary(result, args.output_dir), flush=True)
+    # Publish (rank 0)
+    if args.push_to_hub and state.is_main_process:
+        with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".hub-staging-") as staging:
+            cache.stage_for_hub(args.output_dir, staging)
+            files = hub.push_to_hub(
+                staging,
+                args.hub_repo_id,
+                repo_type="dataset",
+                token=args.hub_token,
+                private=args.hub_private,
+                commit_message="Upload SDXL latent cache",
+                dry_run=args.hub_dry_run,
+            )
+        verb = "would upload" if args.hub_dry_run else "uploaded"
+        print(f"{verb} to dataset repo {args.hub_repo_id}: " + ", ".join(files), flush=True)
+        result["hub_files"] = files
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
