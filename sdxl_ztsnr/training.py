@@ -95,17 +95,28 @@ def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(inner.defaults.get("fused"))
 
 
-def mark_nonfinite_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Tell a fused optimizer to skip this step when the gradient norm is not finite; returns the flag (0/1).
+def mark_nonfinite_step(
+    optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, scaler_skips: bool = False
+) -> torch.Tensor:
+    """Make the coming ``optimizer.step()`` a no-op when the gradient norm is not finite; returns the flag (0/1).
 
     torch's fused Adam kernels take a ``found_inf`` tensor (the mechanism GradScaler uses) and leave
     parameters, moments and the step count unchanged when it is 1 — decided on the device, so the
-    host never waits for the step to finish. A NaN/Inf loss gives a NaN gradient norm, hence a skip.
+    host never waits for the backward pass. A NaN/Inf loss gives a NaN gradient norm, hence a skip.
+    Other optimizers (bitsandbytes' 8-bit AdamW) cost one host sync: on a bad step their gradients
+    are dropped, and an optimizer skips parameters without a gradient. With fp16 autocast the
+    GradScaler already skips such steps (``scaler_skips``); only the flag is returned.
     """
     found_inf = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+    if scaler_skips:
+        return found_inf
     inner = getattr(optimizer, "optimizer", optimizer)
     if supports_device_skip(inner):
         inner.found_inf = found_inf
+    elif found_inf.item():
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param.grad = None
     return found_inf
 
 

@@ -1,0 +1,246 @@
+"""Training batches from the latent cache: one bucket per batch, deterministic, disjoint across ranks."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sdxl_ztsnr.cache import rows_as_tensors
+from sdxl_ztsnr.schedule import resolution_shift
+from sdxl_ztsnr.tags import shuffle_and_drop_tags
+from sdxl_ztsnr.text_encoding import pad_prompt_embeds
+
+
+class BucketBatchSampler:
+    """Yields lists of row indices; every batch holds rows of one aspect-ratio bucket.
+
+    Per epoch (seeded by ``seed`` and the epoch number, so a resumed run sees the same order):
+    rows are shuffled within each bucket and cut into batches of ``batch_size``; a bucket's last
+    partial batch is filled with rows drawn again from the same bucket (nothing is dropped, every
+    batch has the same size); the batches of all buckets are shuffled together and dealt to ranks
+    round-robin, so ranks see disjoint batches and the same number of them.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[tuple[int, int]],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.rows_by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for row, bucket in enumerate(buckets):
+            self.rows_by_bucket[tuple(bucket)].append(row)
+        if not self.rows_by_bucket:
+            raise ValueError("the training set is empty: no rows to sample batches from")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+        total = sum(-(-len(rows) // batch_size) for rows in self.rows_by_bucket.values())
+        if total < world_size:
+            raise ValueError(
+                f"{total} batches of {batch_size} cannot be shared by {world_size} processes: "
+                "lower --train_batch_size or add data"
+            )
+        self.batches_per_rank = total // world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches for ``epoch``, in order."""
+        rng = random.Random(f"{self.seed}-{epoch}")
+        batches: list[list[int]] = []
+        for bucket in sorted(self.rows_by_bucket):
+            rows = self.rows_by_bucket[bucket][:]
+            rng.shuffle(rows)
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                while len(batch) < self.batch_size:  # refill from the same bucket, rows not yet in it first
+                    batch.append(rows[(len(batch) - len(rows[start:])) % len(rows)])
+                batches.append(batch)
+        rng.shuffle(batches)
+        return batches[self.rank :: self.world_size][: self.batches_per_rank]
+
+    def __iter__(self):
+        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+
+    def __len__(self) -> int:
+        return self.batches_per_rank - self.start_batch
+
+
+def time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor
+) -> torch.Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, §2.2): (B, 6) = (orig h, w, crop top, left, target h, w)."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
+def normalize_latents(latents: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-channel (x − μ)/σ of scaled latents (NAI V3 appendix); ``mean``/``std`` are (C,)."""
+    shape = (1, -1) + (1,) * (latents.ndim - 2)
+    return (latents - mean.to(latents).view(shape)) / std.to(latents).view(shape)
+
+
+def vae_config_latent_stats(
+    mean_scaled: Sequence[float], std_scaled: Sequence[float], scaling_factor: float
+) -> tuple[list[float], list[float]]:
+    """``latents_mean``/``latents_std`` for the VAE config from statistics of *scaled* latents.
+
+    diffusers' SDXL pipeline decodes ``z = n·latents_std/scaling_factor + latents_mean``; for the
+    model's latents n = (z·sf − μ_s)/σ_s that means latents_mean = μ_s/sf and latents_std = σ_s.
+    """
+    return [m / scaling_factor for m in mean_scaled], [float(s) for s in std_scaled]
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Reads and collates one batch of cache rows per item (in DataLoader workers, off the training thread)."""
+
+    def __init__(self, dataset, row_ids: Sequence[int], pad_chunk: torch.Tensor | None, sample_weights):
+        self.dataset, self.row_ids, self.pad_chunk, self.sample_weights = (
+            dataset,
+            row_ids,
+            pad_chunk,
+            sample_weights,
+        )
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def __getitem__(self, positions: list[int]) -> dict:
+        rows_ids = [self.row_ids[p] for p in positions]
+        rows = rows_as_tensors(self.dataset, rows_ids)
+        batch = {
+            "latents": torch.stack([r["latents"] for r in rows]).float(),  # (B, 4, h, w)
+            "time_ids": time_ids(
+                torch.stack([r["original_size"] for r in rows]),
+                torch.stack([r["crop_top_left"] for r in rows]),
+                torch.stack([r["target_size"] for r in rows]),
+            ),
+            "target_size": torch.stack([r["target_size"] for r in rows]),
+            "sample_weights": self.sample_weights[torch.tensor(rows_ids)],
+            "tags": [r["tags"] for r in rows],
+        }
+        if "prompt_embeds" in rows[0]:
+            batch["prompt_embeds"] = pad_prompt_embeds([r["prompt_embeds"] for r in rows], self.pad_chunk)
+            batch["pooled_prompt_embeds"] = torch.stack([r["pooled_prompt_embeds"] for r in rows])
+        return batch
+
+
+@dataclass
+class TrainingRows:
+    """The cache split into training and held-out rows, with what a batch needs beside the rows.
+
+    ``encode`` (prompts -> (embeds, pooled)) is set for --text_online: captions are rebuilt from the
+    tags each step (``keep_tokens``, ``tag_dropout``) and encoded by the frozen text encoders.
+    """
+
+    dataset: object  # datasets.Dataset of the cache
+    metadata: dict
+    train_ids: list[int]
+    validation_ids: list[int]
+    sample_weights: torch.Tensor  # (rows,) fp32 tag-based loss weights, mean 1 over the training rows
+    pad_chunk: torch.Tensor | None = None
+    latents_mean: torch.Tensor | None = None  # (C,) set when latents are normalised
+    latents_std: torch.Tensor | None = None
+    caption_dropout: float = 0.0
+    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    num_workers: int = 0
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.buckets = [tuple(b) for b in self.dataset.with_format("arrow")["bucket"].to_pylist()]
+
+    @property
+    def train_buckets(self) -> list[tuple[int, int]]:
+        return [self.buckets[i] for i in self.train_ids]
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """The most common training bucket (height, width): the size validation images are sampled at."""
+        return Counter(self.train_buckets).most_common(1)[0][0]
+
+    def _finish(
+        self, batch: dict, device: torch.device, generator: torch.Generator | None, train: bool
+    ) -> dict:
+        """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``."""
+        if self.encode is not None:
+            rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)) if train else 0)
+            prompts = [
+                ", ".join(
+                    shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout if train else 0.0, rng)
+                )
+                if train
+                else ", ".join(tags)
+                for tags in batch["tags"]
+            ]
+            batch["prompt_embeds"], batch["pooled_prompt_embeds"] = self.encode(prompts)
+        out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out["prompt_embeds"] = out["prompt_embeds"].float()
+        out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].float()
+        if train and self.caption_dropout > 0:
+            # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
+            # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
+            keep = (torch.rand(len(out["latents"]), generator=generator) >= self.caption_dropout).float()
+            keep = keep.to(device)
+            out["prompt_embeds"] = out["prompt_embeds"] * keep.view(-1, 1, 1)
+            out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"] * keep.view(-1, 1)
+        if self.latents_mean is not None:
+            out["latents"] = normalize_latents(out["latents"], self.latents_mean, self.latents_std)
+        return out
+
+    def loader(
+        self, sampler: BucketBatchSampler, device: torch.device, generator: torch.Generator | None = None
+    ):
+        """Training batches in the sampler's order, read by DataLoader workers, finished on the main process."""
+        reader = _BatchReader(self.dataset, self.train_ids, self.pad_chunk, self.sample_weights)
+        loader = torch.utils.data.DataLoader(
+            reader,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        for batch in loader:
+            yield self._finish(batch, device, generator, train=True)
+
+    def validation_batches(self, device: torch.device, batch_size: int = 8) -> list[dict]:
+        """Held-out rows grouped by bucket into batches (no dropout, captions unchanged)."""
+        reader = _BatchReader(self.dataset, self.validation_ids, self.pad_chunk, self.sample_weights)
+        by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for position, row in enumerate(self.validation_ids):
+            by_bucket[self.buckets[row]].append(position)
+        batches = []
+        for bucket in sorted(by_bucket):
+            positions = by_bucket[bucket]
+            for start in range(0, len(positions), batch_size):
+                batches.append(
+                    self._finish(reader[positions[start : start + batch_size]], device, None, False)
+                )
+        return batches
+
+    def timestep_shift(self, batch: dict) -> float:
+        """NAI's resolution shift s = √(H·W)/1024 for a batch (all rows share one bucket)."""
+        height, width = batch["target_size"][0].tolist()
+        return resolution_shift(height, width)
+
+
+def split_rows(num_rows: int, validation_rows: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training row ids, held-out row ids): at most a tenth of the rows is held out, chosen by seed."""
+    held = min(validation_rows, num_rows // 10)
+    held_out = sorted(random.Random(seed).sample(range(num_rows), held))
+    held_set = set(held_out)
+    return [i for i in range(num_rows) if i not in held_set], held_out
