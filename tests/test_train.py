@@ -290,3 +290,37 @@ def test_tag_dropout_without_online_text_is_explained(capsys):
     with pytest.raises(SystemExit):
         train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--tag_dropout", "0.2"])
     assert "--text_online" in capsys.readouterr().err
+
+
+def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, tmp_path):
+    # A raw folder: the trainer precomputes it (no embeddings stored) and encodes captions every step.
+    args = train_sdxl_ztsnr.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_sdxl),
+            "--train_data_dir",
+            str(demo_data),
+            "--output_dir",
+            str(tmp_path),
+            "--resolution",
+            "128",
+            "--bucket_step",
+            "32",
+            "--text_online",
+            "--keep_tokens",
+            "1",
+            "--tag_dropout",
+            "0.3",
+            "--proportion_empty_prompts",
+            "0.5",
+            "--max_train_steps",
+            "2",
+            "--no_single_file",
+            *COMMON,
+        ]
+    )
+    result = train_sdxl_ztsnr.main(args)
+    assert result["step"] == 2 and result["skipped_steps"] == 0
+    metadata = json.loads((tmp_path / "cache" / "cache_metadata.json").read_text())
+    assert metadata["settings"]["text_online"] is True
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
