@@ -421,9 +421,10 @@ def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, fin
         vae,
         (base.text_encoder, base.text_encoder_2),
         (base.tokenizer, base.tokenizer_2),
-        scheduler_config(),
+        scheduler_config(ztsnr=not args.no_ztsnr),
         latents_mean=mean,
         latents_std=std,
+        ztsnr=not args.no_ztsnr,
     )
     if not args.no_single_file:
         name = Path(args.output_dir).resolve().name
@@ -486,7 +487,7 @@ def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step:
                 args.validation_inference_steps,
                 args.validation_guidance_scale,
                 args.validation_guidance_rescale,
-                math.inf if args.no_ztsnr else args.sigma_max,
+                alpha_bar,
                 height,
                 width,
                 seed=args.seed,

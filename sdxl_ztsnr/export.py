@@ -60,6 +60,7 @@ def save_pipeline(
     latents_mean: list[float] | None = None,
     latents_std: list[float] | None = None,
     force_zeros_for_empty_prompt: bool = True,
+    ztsnr: bool = True,
 ) -> Path:
     """Save a StableDiffusionXLPipeline (safetensors) that samples with v-prediction + ZTSNR out of the box.
 
@@ -68,18 +69,16 @@ def save_pipeline(
     VAE config, see set_latent_stats; the in-memory `vae` is left as it was. None keeps what its config has.
     `force_zeros_for_empty_prompt` is SDXL's choice of all-zero embeddings for an empty negative prompt; set it
     False when the model was trained with caption dropout to the encoded empty prompt.
+    `ztsnr=False` (ablations trained on SDXL's own schedule) expects rescale_betas_zero_snr False instead.
     Models must be unwrapped (not DDP/compiled wrappers); they are saved in their current dtype.
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    wrong = {
-        k: scheduler_config.get(k)
-        for k, v in ZTSNR_SCHEDULER_SETTINGS.items()
-        if scheduler_config.get(k) != v
-    }
+    required = {**ZTSNR_SCHEDULER_SETTINGS, "rescale_betas_zero_snr": ztsnr}
+    wrong = {k: scheduler_config.get(k) for k, v in required.items() if scheduler_config.get(k) != v}
     if wrong:
         raise ValueError(
-            f"save_pipeline: scheduler_config has {wrong}; a ZTSNR model needs {ZTSNR_SCHEDULER_SETTINGS} "
+            f"save_pipeline: scheduler_config has {wrong}; this model needs {required} "
             "(use sdxl_ztsnr.schedule.scheduler_config())."
         )
     text_encoder, text_encoder_2 = text_encoders

@@ -219,8 +219,11 @@ def rescale_cfg(guided: torch.Tensor, conditional: torch.Tensor, phi: float = 0.
     return phi * guided * ratio + (1.0 - phi) * guided
 
 
-def scheduler_config(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> dict:
-    """The EulerDiscreteScheduler config we ship: v-prediction, rescaled zero SNR, trailing spacing."""
+def scheduler_config(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, ztsnr: bool = True) -> dict:
+    """The EulerDiscreteScheduler config we ship: v-prediction, rescaled zero SNR, trailing spacing.
+
+    ``ztsnr=False`` describes a model trained on SDXL's own schedule (ablations only).
+    """
     return {
         "_class_name": "EulerDiscreteScheduler",
         "num_train_timesteps": num_train_timesteps,
@@ -228,7 +231,7 @@ def scheduler_config(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> dict:
         "beta_end": SDXL_BETA_END,
         "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": True,
+        "rescale_betas_zero_snr": ztsnr,
         "timestep_spacing": "trailing",
         "interpolation_type": "linear",
         "use_karras_sigmas": False,
@@ -237,11 +240,11 @@ def scheduler_config(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> dict:
     }
 
 
-def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, ztsnr: bool = True):
     """diffusers' EulerDiscreteScheduler built from :func:`scheduler_config`."""
     from diffusers import EulerDiscreteScheduler
 
-    config = {k: v for k, v in scheduler_config(num_train_timesteps).items() if not k.startswith("_")}
+    config = {k: v for k, v in scheduler_config(num_train_timesteps, ztsnr).items() if not k.startswith("_")}
     return EulerDiscreteScheduler.from_config(config)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from sdxl_ztsnr.schedule import make_scheduler
+from sdxl_ztsnr.export import save_pipeline
+from sdxl_ztsnr.schedule import scheduler_config
 
 # Widths. CLIP-L-like encoder 1 without projection, bigG-like encoder 2 with projection (SDXL: 768, 1280,
 # projection 1280); cross-attention sees both hidden states concatenated (SDXL: 2048).
@@ -108,7 +109,7 @@ def write_bpe_files(directory: Path, vocab: dict[str, int], merges: list[tuple[s
 
 def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random-weight SDXL pipeline at toy widths to `out_dir`; same seed -> byte-identical weights."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out_dir = Path(out_dir)
@@ -198,17 +199,10 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
             force_upcast=True,  # SDXL's VAE overflows in fp16; the pipeline upcasts on decode
         )
 
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=make_scheduler(),  # v-prediction, zero terminal SNR, trailing spacing
-        add_watermarker=False,
+    # v-prediction, zero terminal SNR, trailing spacing: the scheduler every model of ours ships with.
+    save_pipeline(
+        out_dir, unet, vae, (text_encoder, text_encoder_2), (tokenizer, tokenizer_2), scheduler_config()
     )
-    pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

@@ -100,7 +100,7 @@ def vae_config_latent_stats(
     diffusers' SDXL pipeline decodes ``z = n·latents_std/scaling_factor + latents_mean``; for the
     model's latents n = (z·sf − μ_s)/σ_s that means latents_mean = μ_s/sf and latents_std = σ_s.
     """
-    return [m / scaling_factor for m in mean_scaled], [float(s) for s in std_scaled]
+    return [float(m) / scaling_factor for m in mean_scaled], [float(s) for s in std_scaled]
 
 
 class _BatchReader(torch.utils.data.Dataset):

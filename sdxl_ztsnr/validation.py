@@ -58,18 +58,21 @@ def sample_images(
     num_inference_steps: int = 28,
     guidance_scale: float = 5.0,
     guidance_rescale: float = 0.7,
-    sigma_max: float = 20000.0,
+    alpha_bar: torch.Tensor | None = None,
     height: int = 1024,
     width: int = 1024,
     seed: int = 0,
 ) -> list[Image.Image]:
-    """Sample with ZTSNR settings: v-prediction Euler, trailing spacing from σ_max, CFG rescale φ.
+    """Sample as the model was trained: v-prediction Euler, trailing spacing from σ_max, CFG rescale φ.
 
-    diffusers' scheduler alone would start at σ ≈ 4096 (its stand-in for SNR = 0); the explicit ladder
-    starts at the σ_max the model was trained with (Lin et al. 2023 §3.3; NAI V3 §2.2).
+    ``alpha_bar`` is the training schedule (default: ZTSNR with σ_max 20000). diffusers' scheduler alone
+    would start a ZTSNR model at σ ≈ 4096 (its stand-in for SNR = 0); the explicit ladder starts at the
+    σ_max the model was trained with (Lin et al. 2023 §3.3; NAI V3 §2.2).
     """
-    pipeline.scheduler = make_scheduler()
-    ladder = inference_sigmas(alphas_cumprod(sigma_max=sigma_max), num_inference_steps).tolist()
+    if alpha_bar is None:
+        alpha_bar = alphas_cumprod()
+    pipeline.scheduler = make_scheduler(ztsnr=bool(alpha_bar[-1] < 1e-6))
+    ladder = inference_sigmas(alpha_bar, num_inference_steps).tolist()
     images: list[Image.Image] = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed(seed + index)
