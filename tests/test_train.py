@@ -313,6 +313,7 @@ def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, 
             "0.3",
             "--proportion_empty_prompts",
             "0.5",
+            "--normalize_latents",
             "--max_train_steps",
             "2",
             "--no_single_file",
@@ -324,3 +325,8 @@ def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, 
     metadata = json.loads((tmp_path / "cache" / "cache_metadata.json").read_text())
     assert metadata["settings"]["text_online"] is True
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # --normalize_latents: the cache's per-channel statistics travel with the model, in its VAE config
+    vae_config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    scaling = vae_config["scaling_factor"]
+    assert vae_config["latents_std"] == pytest.approx(metadata["latents_std"])
+    assert vae_config["latents_mean"] == pytest.approx([m / scaling for m in metadata["latents_mean"]])
