@@ -13,6 +13,7 @@ from sdxl_ztsnr.cache import rows_as_tensors
 from sdxl_ztsnr.schedule import resolution_shift
 from sdxl_ztsnr.tags import shuffle_and_drop_tags
 from sdxl_ztsnr.text_encoding import pad_prompt_embeds
+from sdxl_ztsnr.training import to_device_async
 
 
 class BucketBatchSampler:
@@ -159,6 +160,7 @@ class TrainingRows:
     tag_dropout: float = 0.0
     num_workers: int = 0
     buckets: list[tuple[int, int]] = field(default_factory=list)
+    _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.buckets = [tuple(b) for b in self.dataset.with_format("arrow")["bucket"].to_pylist()]
@@ -188,33 +190,44 @@ class TrainingRows:
             ]
             batch["prompt_embeds"], batch["pooled_prompt_embeds"] = self.encode(prompts)
         out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out["target_size"] = batch["target_size"]  # stays on the CPU: timestep_shift reads it without a sync
         out["prompt_embeds"] = out["prompt_embeds"].float()
         out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].float()
         if train and self.caption_dropout > 0:
             # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
             # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
             keep = (torch.rand(len(out["latents"]), generator=generator) >= self.caption_dropout).float()
-            keep = keep.to(device)
+            keep = to_device_async(keep, device)
             out["prompt_embeds"] = out["prompt_embeds"] * keep.view(-1, 1, 1)
             out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"] * keep.view(-1, 1)
         if self.latents_mean is not None:
-            out["latents"] = normalize_latents(out["latents"], self.latents_mean, self.latents_std)
+            mean, std = to_device_async(self.latents_mean, device), to_device_async(self.latents_std, device)
+            out["latents"] = normalize_latents(out["latents"], mean, std)
         return out
 
     def loader(
         self, sampler: BucketBatchSampler, device: torch.device, generator: torch.Generator | None = None
     ):
-        """Training batches in the sampler's order, read by DataLoader workers, finished on the main process."""
-        reader = _BatchReader(self.dataset, self.train_ids, self.pad_chunk, self.sample_weights)
-        loader = torch.utils.data.DataLoader(
-            reader,
-            sampler=sampler,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        for batch in loader:
+        """Training batches in the sampler's order, read by DataLoader workers, finished on the main process.
+
+        One DataLoader serves every epoch (the sampler reads its epoch when iterated): its workers are
+        started once, not forked again each epoch (a fork costs the training process copy-on-write faults).
+        """
+        if (
+            self._loader is None
+            or self._loader.sampler is not sampler
+            or self._loader.pin_memory != (device.type == "cuda")
+        ):
+            reader = _BatchReader(self.dataset, self.train_ids, self.pad_chunk, self.sample_weights)
+            self._loader = torch.utils.data.DataLoader(
+                reader,
+                sampler=sampler,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=self.num_workers > 0,
+            )
+        for batch in self._loader:
             yield self._finish(batch, device, generator, train=True)
 
     def validation_batches(self, device: torch.device, batch_size: int = 8) -> list[dict]:

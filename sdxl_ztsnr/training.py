@@ -31,6 +31,18 @@ def unet_prediction(
     )[0]
 
 
+def to_device_async(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor.to(device)`` that leaves the host free to queue more GPU work.
+
+    A CUDA copy from pageable CPU memory synchronises the stream (the host waits for every queued kernel);
+    from pinned memory with ``non_blocking`` it does not, and torch keeps the pinned buffer until the copy ran.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def training_loss(
     unet: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -54,7 +66,10 @@ def training_loss(
         timesteps = sample_timesteps(len(latents), alpha_bar, timestep_shift, generator)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    timesteps, noise = timesteps.to(latents.device), noise.to(latents.device)
+    # Drawn on the CPU (reproducible on any device), copied without a host sync so the host keeps queueing.
+    device = latents.device
+    timesteps, noise = to_device_async(timesteps, device), to_device_async(noise, device)
+    alpha_bar = to_device_async(alpha_bar, device)
     noised = noise_batch(latents.float(), noise, timesteps, alpha_bar, prediction_type)
     prediction = unet_prediction(
         unet,
