@@ -1,13 +1,14 @@
-"""Toy-scale test of NAI V3's "completely black" claim: which schedule/weighting/sampler gets the extremes.
+"""Toy-scale test of NAI V3's "completely black" claim: what schedule, prediction and weighting each buy.
 
-A tiny SDXL-architecture UNet is trained on CPU in latent space on synthetic latents whose caption fixes
-their mean (brightness along a fixed latent direction, plus a tint) and their zero-mean texture. Every arm
-sees the same data, noise, timesteps, initial weights, optimizer and steps; only the noise schedule, the
-prediction type and the loss weighting differ. Each arm is then sampled from pure N(0, I) noise with the
-same deterministic DDIM ladder (trailing spacing, Lin et al. 2023, Table 2) and we measure how far the mean
-of each generated latent lies from the requested one. NAI V3 Figure 2 (Ossa et al. 2024, arXiv:2409.15997)
-and Lin et al. 2023 (arXiv:2305.08891) predict that the SDXL-schedule arms drift toward the mean of their
-starting noise (medium brightness) on "solid black" / "solid white" while ZTSNR reaches them.
+A tiny SDXL-architecture UNet is trained on CPU on synthetic 4-channel latents: mean = brightness along a
+fixed latent direction + a tint, plus a zero-mean texture. Half the training captions name the brightness
+(then fixing the mean exactly), half leave it open, as real captions mostly do. Every arm sees the same
+data, noise, timesteps, initial weights, optimizer and steps; only the schedule, the prediction type and
+the loss weighting differ. Each arm samples from N(0, I) with the same 25-step deterministic DDIM ladder
+(trailing spacing, Lin et al. 2023, arXiv:2305.08891) and we measure how far the mean of each sample lies
+from the requested one. NAI V3 Figure 2 (Ossa et al. 2024, arXiv:2409.15997) predicts that SDXL's schedule
+drifts to the mean of its starting noise (medium brightness) on "solid black" / "solid white" and that
+ZTSNR does not. Results and discussion: docs/ztsnr_toy.md.
 
     python benchmarks/ztsnr_toy.py --seed 0 --figure docs/ztsnr_toy.png
 """
