@@ -31,6 +31,13 @@ COMMON = [
 ]
 
 
+def trainer_args(model, output_dir, *extra: str):
+    """Parsed trainer arguments for the tiny model; ``extra`` comes after COMMON, so it can override it."""
+    return train_sdxl_ztsnr.parse_args(
+        ["--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir), *COMMON, *extra]
+    )
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each main() builds its own Accelerator, as a new process would; accelerate's state is a singleton."""
@@ -137,21 +144,16 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_sdxl, cache_dir
     out_a, _ = finished_run
     # What a run killed after step 2 leaves behind: its checkpoint-2.
     shutil.copytree(out_a / "checkpoint-2", tmp_path / "checkpoint-2")
-    args = train_sdxl_ztsnr.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            str(tiny_sdxl),
-            "--precomputed_dir",
-            str(cache_dir),
-            "--output_dir",
-            str(tmp_path),
-            "--max_train_steps",
-            "4",
-            "--resume_from_checkpoint",
-            "latest",
-            "--no_single_file",
-            *COMMON,
-        ]
+    args = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--precomputed_dir",
+        str(cache_dir),
+        "--max_train_steps",
+        "4",
+        "--resume_from_checkpoint",
+        "latest",
+        "--no_single_file",
     )
     result = train_sdxl_ztsnr.main(args)
     assert result["step"] == 4
@@ -164,18 +166,13 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_sdxl, cache_dir
 
 def test_cache_for_another_model_is_refused(cache_dir, tmp_path):
     other = build_tiny_sdxl(tmp_path / "other-model", seed=1)
-    args = train_sdxl_ztsnr.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            str(other),
-            "--precomputed_dir",
-            str(cache_dir),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--max_train_steps",
-            "1",
-            *COMMON,
-        ]
+    args = trainer_args(
+        other,
+        tmp_path / "out",
+        "--precomputed_dir",
+        str(cache_dir),
+        "--max_train_steps",
+        "1",
     )
     with pytest.raises(ValueError, match="different settings") as error:
         train_sdxl_ztsnr.main(args)
@@ -185,28 +182,23 @@ def test_cache_for_another_model_is_refused(cache_dir, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl, cache_dir, tmp_path):
     # An absurd learning rate blows the weights up after one step; every later step is non-finite.
-    args = train_sdxl_ztsnr.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            str(tiny_sdxl),
-            "--precomputed_dir",
-            str(cache_dir),
-            "--output_dir",
-            str(tmp_path),
-            "--max_train_steps",
-            "8",
-            "--max_bad_steps",
-            "2",
-            "--max_grad_norm",
-            "1e30",
-            "--adam_epsilon",
-            "1e-30",
-            *COMMON,
-            "--learning_rate",
-            "1e30",
-            "--mixed_precision",
-            "bf16",
-        ]
+    args = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--precomputed_dir",
+        str(cache_dir),
+        "--max_train_steps",
+        "8",
+        "--max_bad_steps",
+        "2",
+        "--max_grad_norm",
+        "1e30",
+        "--adam_epsilon",
+        "1e-30",
+        "--learning_rate",
+        "1e30",
+        "--mixed_precision",
+        "bf16",
     )
     with pytest.raises(SystemExit, match="non-finite steps in a row"):
         train_sdxl_ztsnr.main(args)
@@ -294,31 +286,26 @@ def test_tag_dropout_without_online_text_is_explained(capsys):
 
 def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, tmp_path):
     # A raw folder: the trainer precomputes it (no embeddings stored) and encodes captions every step.
-    args = train_sdxl_ztsnr.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            str(tiny_sdxl),
-            "--train_data_dir",
-            str(demo_data),
-            "--output_dir",
-            str(tmp_path),
-            "--resolution",
-            "128",
-            "--bucket_step",
-            "32",
-            "--text_online",
-            "--keep_tokens",
-            "1",
-            "--tag_dropout",
-            "0.3",
-            "--proportion_empty_prompts",
-            "0.5",
-            "--normalize_latents",
-            "--max_train_steps",
-            "2",
-            "--no_single_file",
-            *COMMON,
-        ]
+    args = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--train_data_dir",
+        str(demo_data),
+        "--resolution",
+        "128",
+        "--bucket_step",
+        "32",
+        "--text_online",
+        "--keep_tokens",
+        "1",
+        "--tag_dropout",
+        "0.3",
+        "--proportion_empty_prompts",
+        "0.5",
+        "--normalize_latents",
+        "--max_train_steps",
+        "2",
+        "--no_single_file",
     )
     result = train_sdxl_ztsnr.main(args)
     assert result["step"] == 2 and result["skipped_steps"] == 0
