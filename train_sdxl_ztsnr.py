@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_ztsnr import checkpointing, export
+from sdxl_ztsnr import checkpointing, export, lifecycle
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import (
     LOSS_WEIGHTINGS,
@@ -33,7 +33,13 @@ from sdxl_ztsnr.schedule import (
     scheduler_config,
 )
 from sdxl_ztsnr.tags import DEFAULT_CLASS_WEIGHTS
-from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows, vae_config_latent_stats
+from sdxl_ztsnr.train_data import (
+    BucketBatchSampler,
+    DataPosition,
+    TrainingRows,
+    split_rows,
+    vae_config_latent_stats,
+)
 from sdxl_ztsnr.training import build_optimizer, clear_nonfinite_mark, mark_nonfinite_step, training_loss
 from sdxl_ztsnr.validation import fixed_validation_loss, image_grid, log_images, sample_images
 
@@ -165,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="global-norm clipping; 0 or less: no clipping"
+    )
     optim.add_argument(
         "--max_bad_steps",
         type=int,
@@ -191,7 +199,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--seed", type=int, default=0)
     logs.add_argument("--checkpointing_steps", type=int, default=500)
     logs.add_argument("--checkpoints_total_limit", type=int, default=None)
-    logs.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint directory or "latest"')
+    logs.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='a checkpoint directory or "latest" (what a requeue passes: a finished run then trains nothing)',
+    )
+    logs.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start a new run in an output_dir that holds another run's checkpoints (they are deleted)",
+    )
     logs.add_argument(
         "--logging_steps", type=int, default=10, help="host syncs (loss, skipped steps) happen here"
     )
@@ -228,8 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
         )
-    if (args.tag_dropout or args.keep_tokens) and not args.text_online:
-        parser.error("--tag_dropout and --keep_tokens change the caption, so they need --text_online")
+    # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
+    args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
+    args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
     return args
@@ -243,12 +261,25 @@ def make_accelerator(args: argparse.Namespace):
         project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
     )
     report_to = None if args.report_to == "none" else args.report_to
-    return Accelerator(
+    # Several processes without CUDA: accelerate sets up gloo only when the FIRST accelerate object of the
+    # process asks for the CPU (the shared state is fixed by it; precompute's PartialState then agrees).
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=project,
+        # The lr schedule advances once per optimizer update whatever the process count, so a checkpoint
+        # resumes on another number of processes with the same learning rate.
+        step_scheduler_with_optimizer=False,
     )
+    if accelerator.num_processes != launched:
+        raise SystemExit(
+            f"error: launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
+            "check the launcher (accelerate launch --num_processes N)"
+        )
+    return accelerator
 
 
 def precompute_raw_data(args: argparse.Namespace) -> Path:
@@ -304,10 +335,15 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
         expected = {k: v for k, v in expected.items() if not k.startswith("text_encoder")}
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
-    if text_online and not args.text_online:
+    if args.text_online_implied:
+        logger.info(
+            "--tag_dropout/--keep_tokens change captions each step: encoding them online (--text_online)"
+        )
+    elif text_online and not args.text_online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
-    train_ids, validation_ids = split_rows(len(dataset), args.validation_rows, args.seed)
+    sources = dataset.with_format("arrow")["source"].to_pylist()
+    train_ids, validation_ids = split_rows(sources, args.validation_rows, args.seed)
     tag_lists = dataset.with_format("arrow")["tags"].to_pylist()
     weights = torch.ones(len(dataset))
     if not args.no_tag_weighting:
@@ -376,42 +412,66 @@ def load_unet(args: argparse.Namespace, device_type: str):
     return unet
 
 
-def save_checkpoint(args, accelerator, step: int, epoch: int, batch_offset: int, generator) -> None:
-    """accelerate state + trainer_state.json (position in the data order, every rank's generator state)."""
-    from accelerate.utils import gather_object
+def save_checkpoint(args, accelerator, step: int, position: DataPosition, run_id: str) -> None:
+    """accelerate state + trainer_state.json: the position in the data order and what it means.
 
-    states = gather_object([generator.get_state().numpy().tobytes().hex()])
+    No random state is needed: every per-sample draw is keyed by the step (sdxl_ztsnr.keyed_random).
+    """
     checkpointing.save_checkpoint_atomic(
         accelerator,
         args.output_dir,
         step,
-        {"generator_states": states},
-        epoch=epoch,
-        batch_offset=batch_offset,
+        {"run_id": run_id, "global_batch_size": args.train_batch_size * accelerator.num_processes},
+        epoch=position.epoch,
+        batch_offset=position.batch,
         total_limit=args.checkpoints_total_limit,
     )
 
 
-def restore_generator(generator: torch.Generator, states: list[str], rank: int) -> None:
-    """Set this rank's generator from a checkpoint (a rank beyond the saved ones keeps its seed)."""
-    if rank < len(states):
-        generator.set_state(torch.frombuffer(bytearray.fromhex(states[rank]), dtype=torch.uint8).clone())
+def resume_position(state: dict, global_batch_size: int) -> DataPosition:
+    """The data position of a checkpoint; a changed global batch size keeps the epoch's fraction (and says so)."""
+    saved = state.get("global_batch_size", global_batch_size)
+    offset = state["batch_offset"]
+    if saved != global_batch_size:
+        offset = offset * saved // global_batch_size
+        logger.warning(
+            "the global batch changed from %d to %d rows since the checkpoint: continuing epoch %d at batch %d; "
+            "the run will not equal an unbroken one",
+            saved,
+            global_batch_size,
+            state["epoch"],
+            offset,
+        )
+    return DataPosition(state["epoch"], offset)
 
 
-def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, final: bool) -> None:
-    """The one save path for the model: diffusers pipeline, single file, config JSON and model card."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+def load_vae_for_outputs(args: argparse.Namespace):
+    """The VAE that made the latents: --pretrained_vae_model_name_or_path when given, else the pipeline's."""
+    from diffusers import AutoencoderKL
+
+    if args.pretrained_vae_model_name_or_path:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    return AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+    )
+
+
+def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, step: int, run_id: str) -> None:
+    """The one save path for the model: diffusers pipeline, single file, config JSON, model card, Hub upload.
+
+    outputs.json is written last: it says the outputs of ``step`` of this run are complete (a requeue of a
+    finished run then leaves them alone).
+    """
+    from diffusers import StableDiffusionXLPipeline
 
     if not accelerator.is_main_process:
         return
     unet = accelerator.unwrap_model(unet)
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
+    vae = load_vae_for_outputs(args)
     base = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
+        args.pretrained_model_name_or_path, unet=unet, vae=vae, revision=args.revision, variant=args.variant
     )
-    vae = base.vae
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
     mean, std = (None, None)
     if args.normalize_latents:
         mean, std = vae_config_latent_stats(data.latents_mean, data.latents_std, vae.config.scaling_factor)
@@ -448,10 +508,17 @@ def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, fin
         metrics=metrics,
     )
     (out / "README.md").write_text(card)
-    if final and args.push_to_hub:
-        from sdxl_ztsnr.hub import push_to_hub
+    lifecycle.mark_outputs_complete(out, run_id, step)
+    if args.push_to_hub:
+        from sdxl_ztsnr.hub import DEFAULT_IGNORE_PATTERNS, push_to_hub
 
-        push_to_hub(out, args.hub_model_id or out.resolve().name, token=args.hub_token)
+        # A cache given with --precomputed_dir inside OUTPUT_DIR is no part of the model either.
+        ignore = list(DEFAULT_IGNORE_PATTERNS)
+        if args.precomputed_dir and Path(args.precomputed_dir).resolve().is_relative_to(out.resolve()):
+            ignore.append(Path(args.precomputed_dir).resolve().relative_to(out.resolve()).as_posix() + "/")
+        push_to_hub(
+            out, args.hub_model_id or out.resolve().name, token=args.hub_token, ignore_patterns=ignore
+        )
 
 
 def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step: int) -> dict[str, float]:
@@ -470,6 +537,7 @@ def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
                 args.pretrained_model_name_or_path,
                 unet=getattr(model, "_orig_mod", model),
+                vae=load_vae_for_outputs(args),
                 revision=args.revision,
                 variant=args.variant,
                 torch_dtype=torch.float32,
@@ -502,6 +570,24 @@ def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step:
     return metrics
 
 
+def finish_only(args, accelerator, unet, data: TrainingRows, plan: lifecycle.RunPlan) -> dict:
+    """A requeue of a finished run: train nothing, overwrite nothing; write the outputs only if missing."""
+    logger.info(
+        "run %s already finished at step %d (%s): nothing to train",
+        plan.run_id,
+        plan.resume_step,
+        plan.resume,
+    )
+    if not plan.outputs_complete:
+        logger.info("its outputs are missing or incomplete: writing them from %s", plan.resume)
+        unet = accelerator.prepare(unet)
+        accelerator.load_state(plan.resume)
+        save_outputs(args, accelerator, unet, data, {}, plan.resume_step, plan.run_id)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"step": plan.resume_step, "skipped_steps": 0, "finished_before": True}
+
+
 def main(args: argparse.Namespace) -> dict:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -513,8 +599,12 @@ def main(args: argparse.Namespace) -> dict:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    # Lifecycle first (before hours of precompute): fresh start, resume, or an already finished run.
+    plan = lifecycle.plan_run_on_all_ranks(
+        accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir
+    )
 
-    # Data: the latent cache (built here from raw images if needed), batches of one bucket each.
+    # Data: the latent cache (built here from raw images if needed), global batches of one bucket each.
     data = load_training_data(args, accelerator)
     sampler = BucketBatchSampler(
         data.train_buckets,
@@ -523,16 +613,18 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    updates_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    accumulation = args.gradient_accumulation_steps
+    # Accumulation cycles run across epoch ends: an epoch is a number of micro-batches, not of updates.
+    max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
     # Model, schedule, optimizer.
     unet = load_unet(args, accelerator.device.type)
+    if plan.finished_at(max_steps):
+        return finish_only(args, accelerator, unet, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
     lr = args.learning_rate
     if args.scale_lr:
-        lr *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        lr *= args.train_batch_size * accumulation * accelerator.num_processes
     optimizer = build_optimizer(
         unet.parameters(),
         "adamw8bit" if args.use_8bit_adam else "adamw",
@@ -542,44 +634,39 @@ def main(args: argparse.Namespace) -> dict:
         args.adam_epsilon,
         accelerator.device.type,
     )
-    # accelerate steps a prepared scheduler once per process per update, hence the factor.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if args.enable_compile:
         unet = torch.compile(unet, mode=args.compile_mode)
     # Listed once: walking the module tree behind unet.parameters() costs milliseconds of host time per step.
     trained_parameters = list(unet.parameters())
-    # Timesteps, noise and caption dropout come from this CPU generator: reproducible on any device,
-    # and saved in each checkpoint (as JSON, not a pickle) so a resumed run draws what the unbroken run drew.
-    generator = torch.Generator().manual_seed(args.seed * 1009 + accelerator.process_index)
+    # --max_grad_norm 0 (kohya's "no clipping"): the norm is still computed, to catch non-finite steps.
+    clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
-    # Resume: weights, optimizer, lr schedule, RNG and the position in the data order.
-    global_step, start_epoch, start_batch = 0, 0, 0
-    resume = checkpointing.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = checkpointing.load_trainer_state(resume)
-        global_step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_offset"]
-        restore_generator(generator, state["generator_states"], accelerator.process_index)
-        logger.info("resumed from %s at step %d", resume, global_step)
+    # Resume: weights, optimizer, lr schedule and the position in the data order.
+    global_step, position = 0, DataPosition()
+    if plan.resume is not None:
+        accelerator.load_state(plan.resume)
+        state = checkpointing.load_trainer_state(plan.resume)
+        global_step = state["step"]
+        position = resume_position(state, sampler.global_batch_size)
+        logger.info("resumed run %s from %s at step %d", plan.run_id, plan.resume, global_step)
+    accelerator.step = 0  # checkpoints sit on update boundaries: the next micro-batch starts a cycle
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.wandb_project if "wandb" in args.report_to else "sdxl_ztsnr",
             config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
             init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
         )
-
     logger.info(
-        "%d training rows, %d buckets, %d steps, %d epochs",
+        "%d training rows, %d buckets, %d global batches of %d per epoch, %d steps",
         len(data.train_buckets),
         len(set(data.train_buckets)),
+        len(sampler),
+        sampler.global_batch_size,
         max_steps,
-        num_epochs,
     )
     # Start-up leaves millions of long-lived objects (models, datasets): one automatic full garbage collection
     # over them stalls a step for ~0.4 s. Collect once now and keep them out of later collections.
@@ -588,79 +675,71 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(
         total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    stream = data.stream(sampler, accelerator.device, args.seed, position, global_step * accumulation)
     running_loss = torch.zeros((), device=accelerator.device)
     bad_in_a_row = torch.zeros((), device=accelerator.device)
     bad_total = torch.zeros((), device=accelerator.device)
-    samples_since_log, log_time = 0, time.perf_counter()
+    micro_batches, log_time = 0, time.perf_counter()
     metrics: dict[str, float] = {}
 
-    for epoch in range(start_epoch, num_epochs):
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        for batch_index, batch in enumerate(
-            data.loader(sampler, accelerator.device, generator), start=sampler.start_batch
-        ):
+    while global_step < max_steps:
+        for _ in range(accumulation):  # one optimizer update
+            position, batch = next(stream)
             with accelerator.accumulate(unet):
                 # The loss in one place: ZTSNR noising, v target, MSE × MinSNR(guarded) × tag weight.
                 loss, _ = training_loss(
                     unet,
                     batch,
                     alpha_bar,
-                    generator,
-                    args.loss_weighting,
-                    args.snr_gamma,
-                    data.timestep_shift(batch) if args.resolution_shift else 1.0,
+                    weighting=args.loss_weighting,
+                    snr_gamma=args.snr_gamma,
+                    timestep_shift=data.timestep_shift(batch) if args.resolution_shift else 1.0,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trained_parameters, clip_norm)
                     found_inf = mark_nonfinite_step(optimizer, grad_norm, args.mixed_precision == "fp16")
                 optimizer.step()
                 clear_nonfinite_mark(optimizer)
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             running_loss += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0)
-            samples_since_log += args.train_batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            bad_in_a_row = (bad_in_a_row + found_inf) * found_inf
-            bad_total += found_inf
-            progress.update(1)
+            micro_batches += 1
+        lr_scheduler.step()
+        global_step += 1
+        bad_in_a_row = (bad_in_a_row + found_inf) * found_inf
+        bad_total += found_inf
+        progress.update(1)
 
-            if global_step % args.logging_steps == 0 or global_step == max_steps:
-                elapsed = time.perf_counter() - log_time
-                logs = {
-                    "loss": running_loss.item() / (args.logging_steps * args.gradient_accumulation_steps),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": samples_since_log / elapsed,
-                    "skipped_steps": bad_total.item(),
-                }
-                progress.set_postfix(
-                    loss=f"{logs['loss']:.4f}",
-                    lr=f"{logs['lr']:.2e}",
-                    samples_s=f"{logs['samples_per_s']:.2f}",
+        if global_step % args.logging_steps == 0 or global_step == max_steps:
+            elapsed = time.perf_counter() - log_time
+            logs = {
+                # the mean over the micro-batches of this window, on every process
+                "loss": accelerator.reduce(running_loss, "mean").item() / micro_batches,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_s": micro_batches * sampler.global_batch_size / elapsed,
+                "skipped_steps": bad_total.item(),
+            }
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{logs['samples_per_s']:.2f}"
+            )
+            accelerator.log(logs, step=global_step)
+            running_loss.zero_()
+            micro_batches, log_time = 0, time.perf_counter()
+            if bad_in_a_row.item() >= args.max_bad_steps:
+                save_checkpoint(args, accelerator, global_step, position, plan.run_id)
+                raise SystemExit(
+                    f"{int(bad_in_a_row.item())} non-finite steps in a row at step {global_step}: "
+                    "lower --learning_rate or check the data; a checkpoint was saved"
                 )
-                accelerator.log(logs, step=global_step)
-                running_loss.zero_()
-                samples_since_log, log_time = 0, time.perf_counter()
-                if bad_in_a_row.item() >= args.max_bad_steps:
-                    save_checkpoint(args, accelerator, global_step, epoch, batch_index + 1, generator)
-                    raise SystemExit(
-                        f"{int(bad_in_a_row.item())} non-finite steps in a row at step {global_step}: "
-                        "lower --learning_rate or check the data; a checkpoint was saved"
-                    )
-            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(args, accelerator, global_step, epoch, batch_index + 1, generator)
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
-            if global_step >= max_steps:
-                break
-        if global_step >= max_steps:
-            break
+        if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+            save_checkpoint(args, accelerator, global_step, position, plan.run_id)
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
+            metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
 
     accelerator.wait_for_everyone()
     metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, unet, data, metrics, final=True)
+    save_outputs(args, accelerator, unet, data, metrics, global_step, plan.run_id)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()
     return {"step": global_step, "skipped_steps": bad_total.item(), **metrics}

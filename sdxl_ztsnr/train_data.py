@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from sdxl_ztsnr.cache import rows_as_tensors
+from sdxl_ztsnr.keyed_random import keyed_uniform, sample_seeds
 from sdxl_ztsnr.schedule import resolution_shift
 from sdxl_ztsnr.tags import shuffle_and_drop_tags
 from sdxl_ztsnr.text_encoding import pad_prompt_embeds
@@ -17,13 +18,15 @@ from sdxl_ztsnr.training import to_device_async
 
 
 class BucketBatchSampler:
-    """Yields lists of row indices; every batch holds rows of one aspect-ratio bucket.
+    """Yields this process's share of GLOBAL batches; every global batch holds rows of one aspect-ratio bucket.
 
-    Per epoch (seeded by ``seed`` and the epoch number, so a resumed run sees the same order):
-    rows are shuffled within each bucket and cut into batches of ``batch_size``; a bucket's last
-    partial batch is filled with rows drawn again from the same bucket (nothing is dropped, every
-    batch has the same size); the batches of all buckets are shuffled together and dealt to ranks
-    round-robin, so ranks see disjoint batches and the same number of them.
+    A global batch is ``batch_size × world_size`` rows; process ``rank`` takes rows [rank·B, (rank+1)·B) of
+    each. Per epoch (seeded by ``seed`` and the epoch number, so a resumed run sees the same order) rows are
+    shuffled within each bucket and cut into global batches; a bucket's last partial batch is filled with rows
+    drawn again from the same bucket (nothing is dropped, every batch has the same size); the global batches of
+    all buckets are shuffled together. The order depends on the global batch size only: N processes × batch B
+    see exactly the batches that 1 process × batch N·B sees, and a checkpoint's position (epoch, batch) means
+    the same thing for both.
     """
 
     def __init__(
@@ -44,40 +47,56 @@ class BucketBatchSampler:
         if not self.rows_by_bucket:
             raise ValueError("the training set is empty: no rows to sample batches from")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.global_batch_size = batch_size * world_size
         self.epoch = 0
         self.start_batch = 0
-        total = sum(-(-len(rows) // batch_size) for rows in self.rows_by_bucket.values())
-        if total < world_size:
-            raise ValueError(
-                f"{total} batches of {batch_size} cannot be shared by {world_size} processes: "
-                "lower --train_batch_size or add data"
-            )
-        self.batches_per_rank = total // world_size
+        self.batches_per_epoch = sum(
+            -(-len(rows) // self.global_batch_size) for rows in self.rows_by_bucket.values()
+        )
+
+    @property
+    def positions(self) -> list[int]:
+        """This process's positions in every global batch (keys of the per-sample random draws)."""
+        return list(range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order; ``start_batch`` skips batches already trained (resume)."""
+        """Select the epoch's order; ``start_batch`` skips global batches already trained (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches for ``epoch``, in order."""
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every global batch of ``epoch`` (row indices into ``buckets``), in order."""
         rng = random.Random(f"{self.seed}-{epoch}")
+        size = self.global_batch_size
         batches: list[list[int]] = []
         for bucket in sorted(self.rows_by_bucket):
             rows = self.rows_by_bucket[bucket][:]
             rng.shuffle(rows)
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                while len(batch) < self.batch_size:  # refill from the same bucket, rows not yet in it first
+            for start in range(0, len(rows), size):
+                batch = rows[start : start + size]
+                while len(batch) < size:  # refill from the same bucket, rows not yet in it first
                     batch.append(rows[(len(batch) - len(rows[start:])) % len(rows)])
                 batches.append(batch)
         rng.shuffle(batches)
-        return batches[self.rank :: self.world_size][: self.batches_per_rank]
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's slice of each global batch of ``epoch``, in order."""
+        first = self.rank * self.batch_size
+        return [batch[first : first + self.batch_size] for batch in self.global_batches(epoch)]
 
     def __iter__(self):
         yield from self.epoch_batches(self.epoch)[self.start_batch :]
 
     def __len__(self) -> int:
-        return self.batches_per_rank - self.start_batch
+        return self.batches_per_epoch - self.start_batch
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream stands: the next global batch to read is ``batch`` of ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
 
 
 def time_ids(
@@ -174,29 +193,35 @@ class TrainingRows:
         """The most common training bucket (height, width): the size validation images are sampled at."""
         return Counter(self.train_buckets).most_common(1)[0][0]
 
-    def _finish(
-        self, batch: dict, device: torch.device, generator: torch.Generator | None, train: bool
-    ) -> dict:
-        """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``."""
+    def _finish(self, batch: dict, device: torch.device, keys: tuple[int, int, list[int]] | None) -> dict:
+        """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``.
+
+        ``keys`` = (seed, global micro-batch, positions in the global batch) for a training batch: every random
+        choice for a sample (tag shuffle and dropout, caption dropout, timestep and noise) is keyed by them.
+        None for held-out batches: captions unchanged, no dropout, no seeds.
+        """
         if self.encode is not None:
-            rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)) if train else 0)
-            prompts = [
-                ", ".join(
-                    shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout if train else 0.0, rng)
-                )
-                if train
-                else ", ".join(tags)
-                for tags in batch["tags"]
-            ]
+            if keys is not None:
+                seeds = sample_seeds(*keys, "tags")
+                prompts = [
+                    ", ".join(
+                        shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout, random.Random(seed))
+                    )
+                    for tags, seed in zip(batch["tags"], seeds, strict=True)
+                ]
+            else:
+                prompts = [", ".join(tags) for tags in batch["tags"]]
             batch["prompt_embeds"], batch["pooled_prompt_embeds"] = self.encode(prompts)
         out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         out["target_size"] = batch["target_size"]  # stays on the CPU: timestep_shift reads it without a sync
         out["prompt_embeds"] = out["prompt_embeds"].float()
         out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].float()
-        if train and self.caption_dropout > 0:
+        if keys is not None:
+            out["noise_seeds"] = sample_seeds(*keys, "noise")
+        if keys is not None and self.caption_dropout > 0:
             # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
             # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
-            keep = (torch.rand(len(out["latents"]), generator=generator) >= self.caption_dropout).float()
+            keep = (keyed_uniform(sample_seeds(*keys, "caption")) >= self.caption_dropout).float()
             keep = to_device_async(keep, device)
             out["prompt_embeds"] = out["prompt_embeds"] * keep.view(-1, 1, 1)
             out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"] * keep.view(-1, 1)
@@ -205,13 +230,20 @@ class TrainingRows:
             out["latents"] = normalize_latents(out["latents"], mean, std)
         return out
 
-    def loader(
-        self, sampler: BucketBatchSampler, device: torch.device, generator: torch.Generator | None = None
-    ):
-        """Training batches in the sampler's order, read by DataLoader workers, finished on the main process.
+    def stream(
+        self,
+        sampler: BucketBatchSampler,
+        device: torch.device,
+        seed: int,
+        start: DataPosition = DataPosition(),
+        first_micro_batch: int = 0,
+    ) -> Iterator[tuple[DataPosition, dict]]:
+        """Training batches without end, epoch after epoch: (position after this batch, batch).
 
-        One DataLoader serves every epoch (the sampler reads its epoch when iterated): its workers are
-        started once, not forked again each epoch (a fork costs the training process copy-on-write faults).
+        Read by DataLoader workers, finished on the main process. Gradient accumulation cycles run across epoch
+        ends, so ``max_train_steps`` is always reached exactly. Batch number k of the stream is global
+        micro-batch ``first_micro_batch + k``, the key of its samples' random draws. One DataLoader serves every
+        epoch (the sampler reads its epoch when iterated): its workers start once, not once per epoch.
         """
         if (
             self._loader is None
@@ -227,8 +259,15 @@ class TrainingRows:
                 pin_memory=device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
             )
-        for batch in self._loader:
-            yield self._finish(batch, device, generator, train=True)
+        epoch, offset, micro_batch = start.epoch, start.batch, first_micro_batch
+        positions = sampler.positions
+        while True:
+            sampler.set_epoch(epoch, offset)
+            for index, batch in enumerate(self._loader, start=offset):
+                finished = self._finish(batch, device, (seed, micro_batch, positions))
+                micro_batch += 1
+                yield DataPosition(epoch, index + 1), finished
+            epoch, offset = epoch + 1, 0
 
     def validation_batches(self, device: torch.device, batch_size: int = 8) -> list[dict]:
         """Held-out rows grouped by bucket into batches (no dropout, captions unchanged)."""
@@ -240,9 +279,7 @@ class TrainingRows:
         for bucket in sorted(by_bucket):
             positions = by_bucket[bucket]
             for start in range(0, len(positions), batch_size):
-                batches.append(
-                    self._finish(reader[positions[start : start + batch_size]], device, None, False)
-                )
+                batches.append(self._finish(reader[positions[start : start + batch_size]], device, None))
         return batches
 
     def timestep_shift(self, batch: dict) -> float:
@@ -251,9 +288,21 @@ class TrainingRows:
         return resolution_shift(height, width)
 
 
-def split_rows(num_rows: int, validation_rows: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training row ids, held-out row ids): at most a tenth of the rows is held out, chosen by seed."""
-    held = min(validation_rows, num_rows // 10)
-    held_out = sorted(random.Random(seed).sample(range(num_rows), held))
-    held_set = set(held_out)
-    return [i for i in range(num_rows) if i not in held_set], held_out
+def split_rows(sources: Sequence[str], validation_rows: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training row ids, held-out row ids), held out by SOURCE IMAGE: all rows of an image (its crops, its
+    mirrored copy) are on the same side, so the validation loss is never measured on a trained image.
+
+    Whole images are drawn (by seed) until ``validation_rows`` rows are held out; at most a tenth of the rows.
+    """
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for row, source in enumerate(sources):
+        by_source[source].append(row)
+    limit = min(validation_rows, len(sources) // 10)
+    held: list[int] = []
+    for source in random.Random(seed).sample(sorted(by_source), len(by_source)):
+        if len(held) >= limit:
+            break
+        if len(held) + len(by_source[source]) <= limit:
+            held.extend(by_source[source])
+    held_set = set(held)
+    return [i for i in range(len(sources)) if i not in held_set], sorted(held)
