@@ -90,6 +90,26 @@ def test_default_targets_are_the_attention_projections_of_transformer_blocks(tin
     torch.testing.assert_close(_output(unet), before, atol=1e-6, rtol=0)
 
 
+def test_lora_gradients_survive_gradient_checkpointing(tiny_sdxl):
+    """The base is frozen, so checkpointed blocks see inputs without grad; the LoRA must still get gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet = _tiny_unet(tiny_sdxl)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        params = add_lora(unet, rank=4)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.05)  # B != 0, so A gets a gradient too
+        unet(**_inputs(0)).sample.square().mean().backward()
+        grads.append([p.grad for p in params])
+    assert all(g is not None and g.abs().max() > 0 for g in grads[1])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+
+
 def test_kohya_names_on_the_real_sdxl_layout_and_diffusers_maps_them_back():
     """SDXL's real block counts (meta device): the 560 names kohya uses, and diffusers' converter inverts them."""
     from accelerate import init_empty_weights
@@ -172,6 +192,9 @@ def test_trained_lora_reloads_in_diffusers_from_both_files(tiny_sdxl, tmp_path):
     )
     assert meta["modelspec.prediction_type"] == "v" and meta["ss_zero_terminal_snr"] == "True"
     assert json.loads(meta["ss_network_args"])["target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    _, half = save_lora(unet, tmp_path / "fp16", "tiny_lora", kohya_dtype=torch.float16)
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith(".weight")} == {torch.float16}
 
 
 @pytest.mark.slow
