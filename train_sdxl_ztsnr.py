@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr import checkpointing, export, lifecycle
+from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import (
     LOSS_WEIGHTINGS,
@@ -40,6 +41,7 @@ from sdxl_ztsnr.train_data import (
     split_rows,
     vae_config_latent_stats,
 )
+from sdxl_ztsnr.trained_weights import EmaSettings, LoraSettings, TrainedWeights, check_lora_base
 from sdxl_ztsnr.training import build_optimizer, clear_nonfinite_mark, mark_nonfinite_step, training_loss
 from sdxl_ztsnr.validation import fixed_validation_loss, image_grid, log_images, sample_images
 
@@ -151,6 +153,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-channel mean/std normalisation of latents from the cache's statistics",
     )
 
+    adapters = parser.add_argument_group("LoRA (instead of a full fine-tune) and EMA")
+    adapters.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="train a LoRA of this rank on the UNet (default: full UNet)",
+    )
+    adapters.add_argument(
+        "--lora_alpha", type=float, default=None, help="LoRA scale alpha/rank (default: rank)"
+    )
+    adapters.add_argument("--lora_dropout", type=float, default=0.0)
+    adapters.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(DEFAULT_TARGET_MODULES),
+        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections",
+    )
+    adapters.add_argument(
+        "--allow_epsilon_base",
+        action="store_true",
+        help="train a LoRA on an ε-prediction base anyway (it cannot make that model v-prediction ZTSNR)",
+    )
+    adapters.add_argument("--use_ema", action="store_true", help="keep an EMA of the trained weights")
+    adapters.add_argument("--ema_decay", type=float, default=0.9999, help="decay after the warm-up")
+    adapters.add_argument(
+        "--ema_warmup",
+        choices=["power", "tensorflow", "none"],
+        default="power",
+        help="decay warm-up: power 1-(1+s/inv_gamma)^-power, tensorflow s/(s+9), none",
+    )
+    adapters.add_argument("--ema_power", type=float, default=2 / 3, help="3/4 for runs under ~100k steps")
+    adapters.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    adapters.add_argument("--ema_update_every", type=int, default=1, help="update the EMA every N steps")
+    adapters.add_argument(
+        "--ema_device",
+        choices=["accelerator", "cpu"],
+        default="accelerator",
+        help="cpu keeps the fp32 average in host memory (saves accelerator memory)",
+    )
+    adapters.add_argument(
+        "--export_ema",
+        action="store_true",
+        help="the exported model (pipeline, single file, LoRA) is the EMA",
+    )
+    adapters.add_argument("--validate_ema", action="store_true", help="sample validation images with the EMA")
+
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", "--batch_size", type=int, default=4, help="per device")
     optim.add_argument("--num_train_epochs", "--num_epochs", type=int, default=1)
@@ -250,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if (args.export_ema or args.validate_ema) and not args.use_ema:
+        parser.error("--export_ema and --validate_ema need --use_ema")
     return args
 
 
@@ -412,6 +462,27 @@ def load_unet(args: argparse.Namespace, device_type: str):
     return unet
 
 
+def trained_weights(args: argparse.Namespace, unet) -> TrainedWeights:
+    """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
+    lora = ema = None
+    if args.lora_rank:
+        check_lora_base(args.pretrained_model_name_or_path, args.allow_epsilon_base, args.revision)
+        lora = LoraSettings(
+            args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules)
+        )
+    if args.use_ema:
+        ema = EmaSettings(
+            args.ema_decay,
+            args.ema_update_every,
+            args.ema_device,
+            args.ema_warmup,
+            args.ema_inv_gamma,
+            args.ema_power,
+        )
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    return TrainedWeights.create(unet, lora, ema, frozen_dtype)
+
+
 def save_checkpoint(args, accelerator, step: int, position: DataPosition, run_id: str) -> None:
     """accelerate state + trainer_state.json: the position in the data order and what it means.
 
@@ -456,52 +527,27 @@ def load_vae_for_outputs(args: argparse.Namespace):
     )
 
 
-def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, step: int, run_id: str) -> None:
-    """The one save path for the model: diffusers pipeline, single file, config JSON, model card, Hub upload.
+def save_outputs(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, metrics: dict, step: int, run_id: str
+) -> None:
+    """The one save path for the model: diffusers pipeline + single file (or the LoRA files), the EMA beside,
+    config JSON, model card, Hub upload.
 
     outputs.json is written last: it says the outputs of ``step`` of this run are complete (a requeue of a
     finished run then leaves them alone).
     """
-    from diffusers import StableDiffusionXLPipeline
-
     if not accelerator.is_main_process:
         return
-    unet = accelerator.unwrap_model(unet)
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
-    vae = load_vae_for_outputs(args)
-    base = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, vae=vae, revision=args.revision, variant=args.variant
-    )
-    mean, std = (None, None)
-    if args.normalize_latents:
-        mean, std = vae_config_latent_stats(data.latents_mean, data.latents_std, vae.config.scaling_factor)
     out = Path(args.output_dir)
-    export.save_pipeline(
-        out,
-        unet,
-        vae,
-        (base.text_encoder, base.text_encoder_2),
-        (base.tokenizer, base.tokenizer_2),
-        scheduler_config(ztsnr=not args.no_ztsnr),
-        latents_mean=mean,
-        latents_std=std,
-        ztsnr=not args.no_ztsnr,
-    )
-    if not args.no_single_file:
-        name = Path(args.output_dir).resolve().name
-        export.save_single_file(
-            out / f"{name}.safetensors",
-            unet.state_dict(),
-            vae.state_dict(),
-            base.text_encoder.state_dict(),
-            base.text_encoder_2.state_dict(),
-            v_pred=True,
-            ztsnr=not args.no_ztsnr,
-        )
+    name = out.resolve().name
+    weights.save(out, name, args.pretrained_model_name_or_path, not args.no_ztsnr, args.export_ema)
+    if weights.lora is None:
+        with weights.exported(args.export_ema):
+            save_model(args, weights.unet, data, out, name)
     config = {k: v for k, v in vars(args).items() if k != "hub_token"}
     (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
     card = model_card(
-        args.hub_model_id or out.resolve().name,
+        args.hub_model_id or name,
         args.pretrained_model_name_or_path,
         config,
         validation_images=None,
@@ -516,27 +562,64 @@ def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, ste
         ignore = list(DEFAULT_IGNORE_PATTERNS)
         if args.precomputed_dir and Path(args.precomputed_dir).resolve().is_relative_to(out.resolve()):
             ignore.append(Path(args.precomputed_dir).resolve().relative_to(out.resolve()).as_posix() + "/")
-        push_to_hub(
-            out, args.hub_model_id or out.resolve().name, token=args.hub_token, ignore_patterns=ignore
+        push_to_hub(out, args.hub_model_id or name, token=args.hub_token, ignore_patterns=ignore)
+
+
+def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
+    """The fine-tuned UNet as a diffusers pipeline directory and a single file (original SDXL layout)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    vae = load_vae_for_outputs(args)
+    base = StableDiffusionXLPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=unet, vae=vae, revision=args.revision, variant=args.variant
+    )
+    mean, std = (None, None)
+    if args.normalize_latents:
+        mean, std = vae_config_latent_stats(data.latents_mean, data.latents_std, vae.config.scaling_factor)
+    export.save_pipeline(
+        out,
+        unet,
+        vae,
+        (base.text_encoder, base.text_encoder_2),
+        (base.tokenizer, base.tokenizer_2),
+        scheduler_config(ztsnr=not args.no_ztsnr),
+        latents_mean=mean,
+        latents_std=std,
+        ztsnr=not args.no_ztsnr,
+    )
+    if not args.no_single_file:
+        export.save_single_file(
+            out / f"{name}.safetensors",
+            unet.state_dict(),
+            vae.state_dict(),
+            base.text_encoder.state_dict(),
+            base.text_encoder_2.state_dict(),
+            v_pred=True,
+            ztsnr=not args.no_ztsnr,
         )
 
 
-def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step: int) -> dict[str, float]:
-    """Validation loss on held-out rows (all processes' models are equal; main computes) and sample grids."""
+def run_validation(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, alpha_bar, step: int
+) -> dict[str, float]:
+    """Validation loss on held-out rows and sample grids (all processes' models are equal; main computes).
+
+    With --validate_ema both use the EMA weights.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     metrics: dict[str, float] = {}
     if not accelerator.is_main_process:
         return metrics
-    model = accelerator.unwrap_model(unet)
-    with accelerator.autocast():
+    model = weights.unet
+    with accelerator.autocast(), weights.exported(args.validate_ema):
         metrics = fixed_validation_loss(
             model, data.validation_batches(accelerator.device), alpha_bar, seed=args.seed
         )
         if args.validation_prompt:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
                 args.pretrained_model_name_or_path,
-                unet=getattr(model, "_orig_mod", model),
+                unet=model,
                 vae=load_vae_for_outputs(args),
                 revision=args.revision,
                 variant=args.variant,
@@ -570,7 +653,9 @@ def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step:
     return metrics
 
 
-def finish_only(args, accelerator, unet, data: TrainingRows, plan: lifecycle.RunPlan) -> dict:
+def finish_only(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, plan: lifecycle.RunPlan
+) -> dict:
     """A requeue of a finished run: train nothing, overwrite nothing; write the outputs only if missing."""
     logger.info(
         "run %s already finished at step %d (%s): nothing to train",
@@ -580,9 +665,10 @@ def finish_only(args, accelerator, unet, data: TrainingRows, plan: lifecycle.Run
     )
     if not plan.outputs_complete:
         logger.info("its outputs are missing or incomplete: writing them from %s", plan.resume)
-        unet = accelerator.prepare(unet)
+        accelerator.prepare(weights.unet)
+        weights.register_checkpoint_hooks(accelerator)
         accelerator.load_state(plan.resume)
-        save_outputs(args, accelerator, unet, data, {}, plan.resume_step, plan.run_id)
+        save_outputs(args, accelerator, weights, data, {}, plan.resume_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": plan.resume_step, "skipped_steps": 0, "finished_before": True}
@@ -617,16 +703,16 @@ def main(args: argparse.Namespace) -> dict:
     # Accumulation cycles run across epoch ends: an epoch is a number of micro-batches, not of updates.
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
-    # Model, schedule, optimizer.
-    unet = load_unet(args, accelerator.device.type)
+    # Model: the whole UNet or a LoRA on it, with its EMA; then schedule and optimizer.
+    weights = trained_weights(args, load_unet(args, accelerator.device.type))
     if plan.finished_at(max_steps):
-        return finish_only(args, accelerator, unet, data, plan)
+        return finish_only(args, accelerator, weights, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.train_batch_size * accumulation * accelerator.num_processes
     optimizer = build_optimizer(
-        unet.parameters(),
+        weights.parameters,
         "adamw8bit" if args.use_8bit_adam else "adamw",
         lr,
         (args.adam_beta1, args.adam_beta2),
@@ -637,11 +723,10 @@ def main(args: argparse.Namespace) -> dict:
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(weights.unet, optimizer, lr_scheduler)
+    weights.register_checkpoint_hooks(accelerator)
     if args.enable_compile:
         unet = torch.compile(unet, mode=args.compile_mode)
-    # Listed once: walking the module tree behind unet.parameters() costs milliseconds of host time per step.
-    trained_parameters = list(unet.parameters())
     # --max_grad_norm 0 (kohya's "no clipping"): the norm is still computed, to catch non-finite steps.
     clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
@@ -697,7 +782,7 @@ def main(args: argparse.Namespace) -> dict:
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trained_parameters, clip_norm)
+                    grad_norm = accelerator.clip_grad_norm_(weights.parameters, clip_norm)
                     found_inf = mark_nonfinite_step(optimizer, grad_norm, args.mixed_precision == "fp16")
                 optimizer.step()
                 clear_nonfinite_mark(optimizer)
@@ -706,6 +791,7 @@ def main(args: argparse.Namespace) -> dict:
             micro_batches += 1
         lr_scheduler.step()
         global_step += 1
+        weights.after_update(global_step, final=global_step == max_steps)
         bad_in_a_row = (bad_in_a_row + found_inf) * found_inf
         bad_total += found_inf
         progress.update(1)
@@ -734,11 +820,11 @@ def main(args: argparse.Namespace) -> dict:
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
             save_checkpoint(args, accelerator, global_step, position, plan.run_id)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
-            metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
+            metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
 
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, unet, data, metrics, global_step, plan.run_id)
+    metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
+    save_outputs(args, accelerator, weights, data, metrics, global_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()
