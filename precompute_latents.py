@@ -74,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--text_online",
         action="store_true",
-        help="store no text embeddings, only latents and tags (the mode for large datasets: a row is 128 KiB "
-        "at 1024² instead of 436+ KiB); the trainer encodes captions each step (allows tag dropout)",
+        help="store no text embeddings, only latents and tags (the mode for large datasets: a row is ~131 KiB "
+        "at 1024² instead of 441-1057 KiB with 1-3 text chunks); the trainer encodes captions each step "
+        "(allows tag dropout)",
     )
     buckets = parser.add_argument_group("buckets")
     buckets.add_argument("--resolution", type=int, default=1024, help="maximum bucket area is resolution²")
