@@ -5,7 +5,9 @@ empty-chunk embedding that pads prompts.
 Layout of `output_dir`:
     shards/plan.json                 settings + input fingerprint the shards were made under (resume check)
     shards/shard-00007/              one finished shard: a save_to_disk dataset + shard.json (its skipped
-                                     inputs, tag counts, Welford state); written as shard-00007.tmp, renamed
+                                     inputs, tag counts, Welford state; for a stream also where the stream
+                                     stood after it and whether it was its rank's last); written as
+                                     shard-00007.tmp, renamed
     state.json, dataset_info.json    the merged Dataset; its arrow files stay in shards/ (no copy at merge)
     cache_metadata.json              written last: its presence marks a finished cache
     skipped.jsonl, tag_frequencies.json, pad_chunk.safetensors
@@ -14,7 +16,8 @@ Columns (fp16 tensors as nested lists, so any datasets formatter returns them in
     latents (4, H/8, W/8) VAE latent mean × scaling_factor; prompt_embeds (77·k, C) with k the row's own
     chunk count; pooled_prompt_embeds (P,); original_size, crop_top_left, target_size, bucket as
     [height, width]; tags list[str]; prompt str (the text encoded); source str (the image path relative to
-    the data folder, or "dataset_name[index]"); flipped bool.
+    the data folder, "dataset_name[index]", or for a stream "<tar>/<key>" or "dataset_name[r<rank>:<i>]");
+    flipped bool.
 Nested lists of fixed rank keep every column a plain arrow type (parquet, polars and the Hub viewer read
 it). datasets' torch formatter turns a 1024², 3-chunk row into float32 tensors in ~15 ms; `rows_as_tensors`
 reads the same rows straight from arrow as fp16 in ~1 ms (the fast path for training).

@@ -5,8 +5,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_precompute import _load_script, _script  # the script runners the folder tests use
 
 from sdxl_ztsnr import cache, precompute
 from sdxl_ztsnr.streaming_inputs import RankStream, StreamingInputs, expand_braces
 from sdxl_ztsnr.text_encoding import load_text_encoders
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(resolution=128, bucket_step=32, progress=False)
 CORRUPT = 12  # example 12 (in the second tar) is a truncated JPEG
 TAR_SLICES = ((0, 8), (8, 17), (17, 25))  # 25 examples in three tars of unequal size
@@ -155,21 +153,8 @@ def test_simulated_ranks_equal_folder_run(webdataset, folder_cache, models, tmp_
     assert len(skipped) == 1 and f"{CORRUPT:06d}" in skipped[0]
 
 
-def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "precompute_latents.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_skips_finished_shards(webdataset, folder_cache, tiny_sdxl, tmp_path):
-    import importlib.util
-
     out = tmp_path / "cache"
     common = [
         "--dataset_name", "webdataset", "--streaming", "--data_files", PATTERN, "--model_path", str(tiny_sdxl),
@@ -184,9 +169,7 @@ def test_kill_9_then_resume_skips_finished_shards(webdataset, folder_cache, tiny
     assert state  # where the stream stood after the shard's last example
     # The same command finishes the cache (in this process; decoding in a worker process this time) and
     # reads only what was not finished: 25 − 5 examples.
-    spec = importlib.util.spec_from_file_location("precompute_latents", REPO / "precompute_latents.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script()
     cwd = os.getcwd()
     os.chdir(webdataset)  # the relative --data_files pattern, as the killed run saw it
     try:
@@ -250,11 +233,7 @@ def test_bad_columns_and_flags(webdataset, tiny_sdxl):
         StreamingInputs("webdataset", str(webdataset / PATTERN), image_column="image_png")
     with pytest.raises(FileNotFoundError, match="--dataset_name webdataset --streaming --data_files"):
         StreamingInputs("webdataset", str(webdataset / "missing-{0..1}.tar"))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("precompute_latents", REPO / "precompute_latents.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script()
     base = ["--model_path", str(tiny_sdxl), "--output_dir", "out"]
     for bad in (
         ["--data_dir", "d", "--streaming"],
