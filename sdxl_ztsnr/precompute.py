@@ -449,7 +449,6 @@ def _run_shards(
     stats = Counter()
     if total == 0:
         return stats
-    loader = prepared
     channels = encoder.vae.config.latent_channels
     writer = ThreadPoolExecutor(max_workers=1)  # writing shard k overlaps encoding shard k+1
     pending: tuple[int, Future] | None = None
@@ -486,7 +485,7 @@ def _run_shards(
     shard: _ShardBuilder | None = None
     bar = tqdm(total=total, desc=f"precompute (rank {rank})", unit="img", disable=not progress)
     try:
-        iterator = iter(loader)
+        iterator = iter(prepared)
         while True:
             start = time.perf_counter()
             item = next(iterator, None)
