@@ -38,6 +38,7 @@ from sdxl_ztsnr.train_data import (
     BucketBatchSampler,
     DataPosition,
     TrainingRows,
+    iter_training_tags,
     split_rows,
     vae_config_latent_stats,
 )
@@ -361,17 +362,18 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
 
 def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     """The cache (refused if made for another model), tag weights, held-out rows, online text encoders."""
-    from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity
+    from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, tag_frequencies, tag_loss_weights
     from sdxl_ztsnr.text_encoding import encode_prompts, load_text_encoders
 
-    cache_dir = Path(args.precomputed_dir) if args.precomputed_dir else precompute_raw_data(args)
+    # A local cache, a Hub dataset id (downloaded once, memory-mapped), or a raw folder precomputed now.
+    source = args.precomputed_dir or precompute_raw_data(args)
     accelerator.wait_for_everyone()
     vae = load_vae(
         args.pretrained_model_name_or_path, vae_name_or_path=args.pretrained_vae_model_name_or_path
     )
-    dataset, metadata = load_cache(cache_dir)
+    dataset, metadata, cache_dir = open_cache(source)
     cached_text = not metadata["settings"]["text_online"]
     text_online = args.text_online or not cached_text
     tokenizers, encoders = (
@@ -392,19 +394,19 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     elif text_online and not args.text_online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
-    sources = dataset.with_format("arrow")["source"].to_pylist()
-    train_ids, validation_ids = split_rows(sources, args.validation_rows, args.seed)
-    tag_lists = dataset.with_format("arrow")["tags"].to_pylist()
+    train_ids, validation_ids = split_rows(
+        dataset.with_format("arrow")["source"], args.validation_rows, args.seed
+    )
     weights = torch.ones(len(dataset))
     if not args.no_tag_weighting:
         if args.dynamic_tag_weights:
-            frequencies = tag_frequencies(tag_lists[i] for i in train_ids)
+            frequencies = tag_frequencies(iter_training_tags(dataset, train_ids))
         else:
             frequencies = load_tag_frequencies(args.tag_frequency_path or cache_dir / "tag_frequencies.json")
         class_weights = {name: getattr(args, f"{name}_weight") for name in DEFAULT_CLASS_WEIGHTS}
         tag_classes = load_tag_classes(args.tag_class_map) if args.tag_class_map else None
-        weights[train_ids] = tag_loss_weights(
-            [tag_lists[i] for i in train_ids],
+        weights[torch.from_numpy(train_ids)] = tag_loss_weights(
+            iter_training_tags(dataset, train_ids),
             frequencies,
             class_weights,
             tag_classes,
@@ -747,8 +749,8 @@ def main(args: argparse.Namespace) -> dict:
         )
     logger.info(
         "%d training rows, %d buckets, %d global batches of %d per epoch, %d steps",
-        len(data.train_buckets),
-        len(set(data.train_buckets)),
+        len(data.train_ids),
+        len(sampler.rows_by_bucket),
         len(sampler),
         sampler.global_batch_size,
         max_steps,

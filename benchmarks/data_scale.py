@@ -9,11 +9,11 @@ cache grows, and how many rows per second it delivers. Prints three tables.
    pooled (1280,), fp16) for k = 1..3 chunks, and --text_online (latents + tags); × 12M images.
 2. resident memory of the trainer's data path over synthetic caches of each --rows size, each measured in a
    fresh process, stage by stage: open the cache, split_rows, TrainingRows, tag lists and weights (as the
-   training script builds them), BucketBatchSampler, then --batches batches through TrainingRows.loader.
+   training script builds them), BucketBatchSampler, then --batches batches through TrainingRows.stream.
    Rows are small (--latent_side, --embed_dim) so a 100k-row cache builds in seconds; the per-row Python
    objects, which are what could grow, are the same as at 1024². Private memory (RssAnon) is what matters;
    file-backed pages of the memory-mapped arrow files (RssFile) are page cache the kernel reclaims.
-3. rows/s of TrainingRows.loader at 1024² (real shapes) with 0..--max_workers DataLoader workers, against
+3. rows/s of TrainingRows.stream at 1024² (real shapes) with 0..--max_workers DataLoader workers, against
    ≈ 10 samples/s that one H200 trains at 1024² (DESIGN.md's anchors: 8.95-12.2 samples/s eager).
    On the CPU device the fp16 -> fp32 conversion of prompt embeddings runs on the CPU too (on a GPU it runs
    there): these numbers are a lower bound.
@@ -200,7 +200,7 @@ def memory_now() -> dict:
 def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     """The trainer's data path stage by stage, resident memory after each (run in a fresh process)."""
     from sdxl_ztsnr.tags import load_tag_frequencies, tag_loss_weights
-    from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows
+    from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, iter_training_tags, split_rows
 
     stages = []
 
@@ -211,16 +211,16 @@ def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     record("imports")
     dataset, metadata, side_files = cache.open_cache(cache_dir)
     record("open_cache")
-    train_ids, validation_ids = split_rows(len(dataset), 64, seed=0)
+    train_ids, validation_ids = split_rows(dataset.with_format("arrow")["source"], 64, seed=0)
     record("split_rows")
-    # The training script's tag weighting (train_sdxl_ztsnr.load_training_data), on the same rows.
-    tag_lists = dataset.with_format("arrow")["tags"].to_pylist()
-    record("tag lists (alive)")
+    # The training script's tag weighting (train_sdxl_ztsnr.load_training_data), on the same rows: tags are
+    # read from arrow a chunk at a time.
     frequencies = load_tag_frequencies(side_files / cache.TAG_FREQUENCIES_FILE)
     weights = torch.ones(len(dataset))
-    weights[train_ids] = tag_loss_weights([tag_lists[i] for i in train_ids], frequencies)
-    del tag_lists
-    record("tag weights (lists freed)")
+    weights[torch.from_numpy(train_ids)] = tag_loss_weights(
+        iter_training_tags(dataset, train_ids), frequencies
+    )
+    record("tag weights")
     pad_chunk = cache.load_pad_chunk(side_files)
     encode = None
     if pad_chunk is None:  # --text_online: stand-in for the text encoders (GPU work, not the data path)
@@ -239,7 +239,7 @@ def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     sampler = BucketBatchSampler(data.train_buckets, 4, seed=0, rank=0, world_size=1)
     record("BucketBatchSampler")
     seen = 0
-    for _ in data.loader(sampler, torch.device("cpu"), torch.Generator().manual_seed(0)):
+    for _ in data.stream(sampler, torch.device("cpu"), seed=0):
         seen += 1
         if seen == batches:
             break
@@ -279,7 +279,7 @@ def measure_memory(
 def measure_throughput(
     workdir: Path, rows: int, max_workers: int, batches: int, batch_size: int
 ) -> list[dict]:
-    """Rows/s of TrainingRows.loader on 1024²-shaped caches (both modes), 0..max_workers workers."""
+    """Rows/s of TrainingRows.stream on 1024²-shaped caches (both modes), 0..max_workers workers."""
     from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows
 
     results = []
@@ -287,7 +287,7 @@ def measure_throughput(
         directory = workdir / f"throughput-{mode.replace(' ', '_')}"
         write_synthetic_cache(directory, rows, latent_side=None, embed_dim=embed_dim, shard_rows=256)
         dataset, metadata, side_files = cache.open_cache(directory)
-        train_ids, validation_ids = split_rows(len(dataset), 0, seed=0)
+        train_ids, validation_ids = split_rows(dataset.with_format("arrow")["source"], 0, seed=0)
         pad_chunk = cache.load_pad_chunk(side_files)
         encode = None
         if embed_dim is None:  # the text encoders run on the GPU; the data path hands them the tags
@@ -303,17 +303,13 @@ def measure_throughput(
                 encode=encode, num_workers=workers,
             )  # fmt: skip
             sampler = BucketBatchSampler(data.train_buckets, batch_size, seed=0, rank=0, world_size=1)
-            generator = torch.Generator().manual_seed(0)
-            seen, epoch, start = 0, 0, None
-            while seen < batches + 2:
-                sampler.set_epoch(epoch)
-                for _ in data.loader(sampler, torch.device("cpu"), generator):
-                    seen += 1
-                    if seen == 2:  # workers started, first batches in flight: start the clock
-                        start = time.perf_counter()
-                    if seen == batches + 2:
-                        break
-                epoch += 1
+            seen, start = 0, None
+            for _ in data.stream(sampler, torch.device("cpu"), seed=0):  # epoch after epoch
+                seen += 1
+                if seen == 2:  # workers started, first batches in flight: start the clock
+                    start = time.perf_counter()
+                if seen == batches + 2:
+                    break
             seconds = time.perf_counter() - start
             rate = batches * batch_size / seconds
             results.append(
@@ -368,7 +364,7 @@ def print_memory(results: list[dict]) -> None:
 
 def print_throughput(results: list[dict]) -> None:
     print(
-        f"\nRows/s of TrainingRows.loader at 1024² on the CPU device, against {GPU_SAMPLES_PER_S:g} samples/s per GPU"
+        f"\nRows/s of TrainingRows.stream at 1024² on the CPU device, against {GPU_SAMPLES_PER_S:g} samples/s per GPU"
     )
     print(f"{'mode':<13} {'workers':>7} {'batch':>5} {'rows/s':>8} {'× one GPU':>10}")
     for r in results:

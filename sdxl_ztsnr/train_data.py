@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from sdxl_ztsnr.cache import rows_as_tensors
@@ -31,7 +34,7 @@ class BucketBatchSampler:
 
     def __init__(
         self,
-        buckets: Sequence[tuple[int, int]],
+        buckets: Sequence[tuple[int, int]] | np.ndarray,
         batch_size: int,
         seed: int = 0,
         rank: int = 0,
@@ -41,11 +44,16 @@ class BucketBatchSampler:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.rows_by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, bucket in enumerate(buckets):
-            self.rows_by_bucket[tuple(bucket)].append(row)
-        if not self.rows_by_bucket:
+        buckets = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)  # (rows, [height, width])
+        if not len(buckets):
             raise ValueError("the training set is empty: no rows to sample batches from")
+        # Row indices per bucket as numpy arrays: 8 bytes a row, not a Python int and a list slot (12M-row scale).
+        kinds, inverse = np.unique(buckets, axis=0, return_inverse=True)
+        order = np.argsort(inverse.reshape(-1), kind="stable")
+        splits = np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]
+        self.rows_by_bucket: dict[tuple[int, int], np.ndarray] = {
+            (int(h), int(w)): rows for (h, w), rows in zip(kinds, np.split(order, splits), strict=True)
+        }
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.global_batch_size = batch_size * world_size
         self.epoch = 0
@@ -53,6 +61,7 @@ class BucketBatchSampler:
         self.batches_per_epoch = sum(
             -(-len(rows) // self.global_batch_size) for rows in self.rows_by_bucket.values()
         )
+        self._cached: tuple[int, np.ndarray] | None = None
 
     @property
     def positions(self) -> list[int]:
@@ -63,29 +72,34 @@ class BucketBatchSampler:
         """Select the epoch's order; ``start_batch`` skips global batches already trained (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
+    def _epoch_array(self, epoch: int) -> np.ndarray:
+        """(batches, global batch) row indices of ``epoch``, in order; one array, not a list per batch."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng(int.from_bytes(f"{self.seed}-{epoch}".encode(), "little"))
+        size = self.global_batch_size
+        parts = []
+        for bucket in sorted(self.rows_by_bucket):
+            rows = rng.permutation(self.rows_by_bucket[bucket])
+            refill = (-len(rows)) % size  # the last partial batch takes rows of the same bucket again
+            parts.append(np.concatenate([rows, rows[np.arange(refill) % len(rows)]]).reshape(-1, size))
+        batches = np.concatenate(parts)[rng.permutation(self.batches_per_epoch)]
+        self._cached = (epoch, batches)
+        return batches
+
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every global batch of ``epoch`` (row indices into ``buckets``), in order."""
-        rng = random.Random(f"{self.seed}-{epoch}")
-        size = self.global_batch_size
-        batches: list[list[int]] = []
-        for bucket in sorted(self.rows_by_bucket):
-            rows = self.rows_by_bucket[bucket][:]
-            rng.shuffle(rows)
-            for start in range(0, len(rows), size):
-                batch = rows[start : start + size]
-                while len(batch) < size:  # refill from the same bucket, rows not yet in it first
-                    batch.append(rows[(len(batch) - len(rows[start:])) % len(rows)])
-                batches.append(batch)
-        rng.shuffle(batches)
-        return batches
+        return self._epoch_array(epoch).tolist()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's slice of each global batch of ``epoch``, in order."""
         first = self.rank * self.batch_size
-        return [batch[first : first + self.batch_size] for batch in self.global_batches(epoch)]
+        return self._epoch_array(epoch)[:, first : first + self.batch_size].tolist()
 
     def __iter__(self):
-        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+        first = self.rank * self.batch_size
+        for batch in self._epoch_array(self.epoch)[self.start_batch :, first : first + self.batch_size]:
+            yield batch.tolist()
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -138,7 +152,7 @@ class _BatchReader(torch.utils.data.Dataset):
         return len(self.row_ids)
 
     def __getitem__(self, positions: list[int]) -> dict:
-        rows_ids = [self.row_ids[p] for p in positions]
+        rows_ids = [int(self.row_ids[p]) for p in positions]
         rows = rows_as_tensors(self.dataset, rows_ids)
         batch = {
             "latents": torch.stack([r["latents"] for r in rows]).float(),  # (B, 4, h, w)
@@ -167,8 +181,8 @@ class TrainingRows:
 
     dataset: object  # datasets.Dataset of the cache
     metadata: dict
-    train_ids: list[int]
-    validation_ids: list[int]
+    train_ids: np.ndarray  # (rows,) int64, from split_rows
+    validation_ids: np.ndarray
     sample_weights: torch.Tensor  # (rows,) fp32 tag-based loss weights, mean 1 over the training rows
     pad_chunk: torch.Tensor | None = None
     latents_mean: torch.Tensor | None = None  # (C,) set when latents are normalised
@@ -178,20 +192,26 @@ class TrainingRows:
     keep_tokens: int = 0
     tag_dropout: float = 0.0
     num_workers: int = 0
-    buckets: list[tuple[int, int]] = field(default_factory=list)
+    buckets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))  # (rows, 2) [h, w]
     _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.buckets = [tuple(b) for b in self.dataset.with_format("arrow")["bucket"].to_pylist()]
+        column = self.dataset.with_format("arrow")["bucket"]
+        self.buckets = pc.list_flatten(column).to_numpy().reshape(-1, 2)
+        self.train_ids = np.asarray(self.train_ids, dtype=np.int64)
+        self.validation_ids = np.asarray(self.validation_ids, dtype=np.int64)
 
     @property
-    def train_buckets(self) -> list[tuple[int, int]]:
-        return [self.buckets[i] for i in self.train_ids]
+    def train_buckets(self) -> np.ndarray:
+        """(training rows, 2) [height, width] of each training row's bucket."""
+        return self.buckets[self.train_ids]
 
     @property
     def validation_size(self) -> tuple[int, int]:
         """The most common training bucket (height, width): the size validation images are sampled at."""
-        return Counter(self.train_buckets).most_common(1)[0][0]
+        kinds, counts = np.unique(self.train_buckets, axis=0, return_counts=True)
+        height, width = kinds[np.argmax(counts)]
+        return int(height), int(width)
 
     def _finish(self, batch: dict, device: torch.device, keys: tuple[int, int, list[int]] | None) -> dict:
         """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``.
@@ -274,7 +294,7 @@ class TrainingRows:
         reader = _BatchReader(self.dataset, self.validation_ids, self.pad_chunk, self.sample_weights)
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         for position, row in enumerate(self.validation_ids):
-            by_bucket[self.buckets[row]].append(position)
+            by_bucket[tuple(self.buckets[row].tolist())].append(position)
         batches = []
         for bucket in sorted(by_bucket):
             positions = by_bucket[bucket]
@@ -288,21 +308,43 @@ class TrainingRows:
         return resolution_shift(height, width)
 
 
-def split_rows(sources: Sequence[str], validation_rows: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training row ids, held-out row ids), held out by SOURCE IMAGE: all rows of an image (its crops, its
-    mirrored copy) are on the same side, so the validation loss is never measured on a trained image.
+def split_rows(
+    sources: Sequence[str] | pa.Array | pa.ChunkedArray, validation_rows: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training row ids, held-out row ids) as int64 arrays, held out by SOURCE IMAGE: all rows of an image (its
+    crops, its mirrored copy) are on the same side, so the validation loss is never measured on a trained image.
 
     Whole images are drawn (by seed) until ``validation_rows`` rows are held out; at most a tenth of the rows.
+    Works on the arrow column as it is (dictionary-encoded: 4 bytes a row, no Python string per row).
     """
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for row, source in enumerate(sources):
-        by_source[source].append(row)
-    limit = min(validation_rows, len(sources) // 10)
-    held: list[int] = []
-    for source in random.Random(seed).sample(sorted(by_source), len(by_source)):
-        if len(held) >= limit:
-            break
-        if len(held) + len(by_source[source]) <= limit:
-            held.extend(by_source[source])
-    held_set = set(held)
-    return [i for i in range(len(sources)) if i not in held_set], sorted(held)
+    column = sources if isinstance(sources, (pa.Array, pa.ChunkedArray)) else pa.array(sources, pa.string())
+    num_rows = len(column)
+    limit = min(validation_rows, num_rows // 10)
+    if limit == 0:
+        return np.arange(num_rows, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    encoded = pc.dictionary_encode(column)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    dictionary = chunks[0].dictionary if chunks else pa.array([], pa.string())
+    # chunks of a ChunkedArray share one dictionary after unify_dictionaries
+    if len(chunks) > 1:
+        encoded = encoded.unify_dictionaries()
+        chunks, dictionary = encoded.chunks, encoded.chunks[0].dictionary
+    image_of_row = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+    # An image has at least one row, so `limit` images are enough candidates; draw them without a full shuffle.
+    candidates = random.Random(seed).sample(range(len(dictionary)), min(len(dictionary), limit))
+    rows_of = np.bincount(image_of_row, minlength=len(dictionary))
+    chosen, held = [], 0
+    for image in candidates:
+        if held + rows_of[image] <= limit:
+            chosen.append(image)
+            held += int(rows_of[image])
+    is_held = np.isin(image_of_row, np.asarray(chosen, dtype=np.int64))
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def iter_training_tags(dataset, train_ids: np.ndarray, chunk_rows: int = 65536) -> Iterator[list[str]]:
+    """The tag lists of the training rows, in ``train_ids`` order, read from arrow a chunk at a time (RAM stays
+    flat at millions of rows; a list of every row's tags as Python strings would not)."""
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(train_ids), chunk_rows):
+        yield from arrow[train_ids[start : start + chunk_rows].tolist()]["tags"].to_pylist()
