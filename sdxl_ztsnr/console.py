@@ -12,6 +12,7 @@ and exits with status 2. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -68,8 +69,6 @@ class _DropMessages(logging.Filter):
 
 def _hub_progress_states() -> dict | None:
     """huggingface_hub's progress-bar switches (global and per group), or None where the layout differs."""
-    import importlib
-
     try:  # the module: `huggingface_hub.utils.tqdm` as an attribute is the tqdm class it defines
         hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
     except ImportError:
