@@ -184,6 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
 
     from sdxl_ztsnr import cache, hub
+    from sdxl_ztsnr.console import UserError
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
     from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs, load_vae, precompute
     from sdxl_ztsnr.streaming_inputs import StreamingInputs
@@ -194,8 +195,8 @@ def main(args: argparse.Namespace) -> dict:
     # Several processes without CUDA: accelerate only sets up gloo when asked for the CPU explicitly.
     state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
     if state.num_processes != launched:
-        sys.exit(
-            f"error: launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
+        raise UserError(
+            f"launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
         )
     if state.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a few fixed bucket shapes: autotuning pays off
@@ -283,4 +284,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

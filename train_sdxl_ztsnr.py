@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -834,7 +833,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

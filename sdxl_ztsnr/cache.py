@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.latent_stats import WelfordState, merge_all
 from sdxl_ztsnr.tags import save_tag_frequencies
 from sdxl_ztsnr.text_encoding import config_hash
@@ -343,23 +344,24 @@ def load_cache(cache_dir: str | os.PathLike, expected: dict | None = None) -> tu
             if (cache_dir / SHARDS_DIR).is_dir()
             else "make one with precompute_latents.py --output_dir " + str(cache_dir)
         )
-        raise ValueError(f"{cache_dir} is not a finished latent cache (no {METADATA_FILE}); {hint}")
+        what = "is not a finished latent cache" if cache_dir.is_dir() else "does not exist"
+        raise UserError(f"{cache_dir} {what} (no {METADATA_FILE}); {hint}")
     metadata = read_json(metadata_path)
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{metadata_path}: cache format version {metadata.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}; rebuild it with precompute_latents.py --overwrite"
         )
     diffs = settings_differences(metadata["settings"], expected or {})
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{cache_dir} was made with different settings than this run needs:\n  "
             + "\n  ".join(diffs)
             + "\nrebuild it (precompute_latents.py --overwrite) with this model and these settings"
         )
     dataset = _open_rows(cache_dir)
     if len(dataset) != metadata["counts"]["rows"]:
-        raise ValueError(
+        raise UserError(
             f"{cache_dir}: {len(dataset)} rows on disk, metadata says {metadata['counts']['rows']}; "
             "the cache is damaged, rebuild it with --overwrite"
         )
@@ -473,8 +475,8 @@ def wait_for_shards(
     return {i: read_json(shard_dir(output_dir, i) / SHARD_SUMMARY_FILE) for i in range(num_shards)}
 
 
-def _refusal(output_dir: Path, diffs: list[str]) -> ValueError:
-    return ValueError(
+def _refusal(output_dir: Path, diffs: list[str]) -> UserError:
+    return UserError(
         f"{output_dir} holds a cache made with different settings:\n  "
         + "\n  ".join(diffs)
         + "\nrun with the same arguments to resume it, pick another --output_dir, or pass --overwrite to rebuild it"
@@ -503,8 +505,8 @@ def check_or_start(output_dir: Path, settings: dict) -> dict | None:
     return None
 
 
-class NoUsableInputsError(RuntimeError):
-    """Every input was skipped."""
+class NoUsableInputsError(UserError, RuntimeError):
+    """Every input was skipped (the message says why and where each reason is listed)."""
 
 
 def finalize_cache(

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sdxl_ztsnr import cache
 from sdxl_ztsnr.buckets import bucket_for, make_buckets, resize_to_bucket
+from sdxl_ztsnr.console import UserError, loading_model
 from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, find_images, load_image, read_caption
 from sdxl_ztsnr.latent_stats import WelfordState, welford_update
 from sdxl_ztsnr.tags import parse_tags, tag_frequencies
@@ -52,9 +53,13 @@ class FolderInputs:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(
+                f"--train_data_dir {self.root}: no such folder; pass the folder of images and their .txt captions"
+            )
         self.paths = find_images(self.root)
         if not self.paths:
-            raise ValueError(
+            raise UserError(
                 f"--train_data_dir {self.root}: no .png/.jpg/.jpeg/.webp images found (recursive)"
             )
 
@@ -242,9 +247,13 @@ def load_vae(
     from sdxl_ztsnr.text_encoding import module_fingerprint
 
     if vae_name_or_path:
-        vae = AutoencoderKL.from_pretrained(vae_name_or_path, torch_dtype=torch.float32)
+        with loading_model(vae_name_or_path, "VAE"):
+            vae = AutoencoderKL.from_pretrained(vae_name_or_path, torch_dtype=torch.float32)
     else:
-        vae = AutoencoderKL.from_pretrained(model_name_or_path, subfolder="vae", torch_dtype=torch.float32)
+        with loading_model(model_name_or_path, "vae"):
+            vae = AutoencoderKL.from_pretrained(
+                model_name_or_path, subfolder="vae", torch_dtype=torch.float32
+            )
     if dtype == torch.float16 and vae.config.get("force_upcast", False):
         raise ValueError(
             "--vae_dtype fp16: this VAE's config sets force_upcast (SDXL's VAE overflows in fp16 and gives NaN "
