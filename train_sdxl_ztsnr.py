@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr import checkpointing, export, lifecycle
+from sdxl_ztsnr.console import loading_model
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import (
@@ -85,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="raw folder of images + .txt tags; precomputed into OUTPUT_DIR/cache first",
     )
     data.add_argument(
-        "--resolution", type=int, default=1024, help="maximum bucket area is resolution² (raw data)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="maximum bucket area is resolution² (raw data: default 1024; with a cache: checked against it)",
     )
     data.add_argument(
         "--bucket_step", type=int, default=64, help="bucket sides are multiples of this (raw data)"
@@ -345,7 +349,7 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
         "--output_dir",
         str(cache_dir),
         "--resolution",
-        str(args.resolution),
+        str(args.resolution or 1024),
         "--bucket_step",
         str(args.bucket_step),
         "--max_token_chunks",
@@ -384,6 +388,8 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     expected = model_identity(vae, encoders if cached_text else None)
     if not cached_text:
         expected = {k: v for k, v in expected.items() if not k.startswith("text_encoder")}
+    if args.resolution is not None:
+        expected["resolution"] = args.resolution  # a cache made at another resolution is refused, by name
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
     if args.text_online_implied:
@@ -445,9 +451,10 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
 def load_unet(args: argparse.Namespace, device_type: str):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
+    with loading_model(args.pretrained_model_name_or_path, "unet"):
+        unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+        )
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -522,10 +529,12 @@ def load_vae_for_outputs(args: argparse.Namespace):
     from diffusers import AutoencoderKL
 
     if args.pretrained_vae_model_name_or_path:
-        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-    return AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
-    )
+        with loading_model(args.pretrained_vae_model_name_or_path, "vae"):
+            return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    with loading_model(args.pretrained_model_name_or_path, "vae"):
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+        )
 
 
 def save_outputs(
@@ -553,8 +562,11 @@ def save_outputs(
         config,
         validation_images=None,
         metrics=metrics,
+        normalized_latents=args.normalize_latents,
     )
     (out / "README.md").write_text(card)
+    # Readable per the user's umask (safetensors writes 0600): a UI running as another user can load the model.
+    export.apply_umask([p for p in out.iterdir() if p.name != "cache"])
     lifecycle.mark_outputs_complete(out, run_id, step)
     if args.push_to_hub:
         from sdxl_ztsnr.hub import DEFAULT_IGNORE_PATTERNS, push_to_hub
@@ -571,9 +583,14 @@ def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     vae = load_vae_for_outputs(args)
-    base = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, vae=vae, revision=args.revision, variant=args.variant
-    )
+    with loading_model(args.pretrained_model_name_or_path):
+        base = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            unet=unet,
+            vae=vae,
+            revision=args.revision,
+            variant=args.variant,
+        )
     mean, std = (None, None)
     if args.normalize_latents:
         mean, std = vae_config_latent_stats(data.latents_mean, data.latents_std, vae.config.scaling_factor)
@@ -587,6 +604,9 @@ def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
         latents_mean=mean,
         latents_std=std,
         ztsnr=not args.no_ztsnr,
+        # The normalisation folded into the VAE's 1×1 convolutions (exact): every consumer, including diffusers
+        # pipelines that ignore latents_mean/std and the single file's loaders, decodes the UNet's latents right.
+        fold_latents=True,
     )
     if not args.no_single_file:
         export.save_single_file(
@@ -597,6 +617,8 @@ def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
             base.text_encoder_2.state_dict(),
             v_pred=True,
             ztsnr=not args.no_ztsnr,
+            latents_mean=mean,
+            latents_std=std,
         )
 
 
@@ -681,6 +703,7 @@ def main(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved" lines break the bar
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     if args.allow_tf32:

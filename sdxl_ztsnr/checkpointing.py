@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sdxl_ztsnr.export import apply_umask
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -199,6 +201,7 @@ def save_checkpoint_atomic(
             os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
+        apply_umask(final)  # safetensors writes 0600 whatever the umask
         if replaced is not None:
             shutil.rmtree(replaced)
         rotate_checkpoints(output_dir, total_limit, state.get("run_id"))

@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sdxl_ztsnr import checkpointing
+from sdxl_ztsnr.console import UserError
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS_FILE = "outputs.json"
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(UserError):
     """The output directory does not fit the requested start (another run's checkpoints, a bad resume path)."""
 
 

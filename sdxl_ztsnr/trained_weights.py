@@ -50,12 +50,17 @@ def check_lora_base(model_name_or_path: str, allow_epsilon_base: bool, revision:
     """Refuse a LoRA on an ε-prediction base (or, with ``allow_epsilon_base``, warn plainly and go on)."""
     from diffusers import EulerDiscreteScheduler
 
-    config = EulerDiscreteScheduler.load_config(model_name_or_path, subfolder="scheduler", revision=revision)
+    from sdxl_ztsnr.console import UserError, loading_model
+
+    with loading_model(model_name_or_path, "scheduler"):
+        config = EulerDiscreteScheduler.load_config(
+            model_name_or_path, subfolder="scheduler", revision=revision
+        )
     problem = lora_lib.check_lora_base(config)
     if problem is None:
         return
     if not allow_epsilon_base:
-        raise ValueError(f"--lora_rank: {problem} (--allow_epsilon_base trains it anyway)")
+        raise UserError(f"--lora_rank: {problem} (--allow_epsilon_base trains it anyway)")
     logger.warning("--allow_epsilon_base: %s", problem)
 
 

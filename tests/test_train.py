@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_sdxl_ztsnr
+from sdxl_ztsnr.export import fold_latent_stats
 from sdxl_ztsnr.tiny import build_tiny_sdxl
 
 
@@ -270,8 +271,16 @@ def test_text_online_with_tag_dropout_and_caption_dropout(
     metadata = json.loads((tmp_path / "cache" / "cache_metadata.json").read_text())
     assert metadata["settings"]["text_online"] is True
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    # --normalize_latents: the cache's per-channel statistics travel with the model, in its VAE config
+    # --normalize_latents: the cache's per-channel statistics travel with the model, folded exactly into the
+    # VAE's 1×1 quant_conv / post_quant_conv, so consumers that ignore latents_mean/std decode it right too.
     vae_config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert vae_config.get("latents_mean") is None and vae_config.get("latents_std") is None
     scaling = vae_config["scaling_factor"]
-    assert vae_config["latents_std"] == pytest.approx(metadata["latents_std"])
-    assert vae_config["latents_mean"] == pytest.approx([m / scaling for m in metadata["latents_mean"]])
+    base_vae = load_file(str(tiny_sdxl / "vae" / "diffusion_pytorch_model.safetensors"))
+    expected = fold_latent_stats(
+        base_vae, [m / scaling for m in metadata["latents_mean"]], metadata["latents_std"]
+    )
+    saved = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    for key in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias"):
+        torch.testing.assert_close(saved[key], expected[key])
+        assert not torch.equal(saved[key], base_vae[key]), key
