@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr import checkpointing, export, lifecycle
-from sdxl_ztsnr.console import loading_model
+from sdxl_ztsnr.console import UserError, loading_model
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import (
@@ -470,8 +470,15 @@ def load_unet(args: argparse.Namespace, device_type: str):
     return unet
 
 
-def trained_weights(args: argparse.Namespace, unet) -> TrainedWeights:
+def trained_weights(args: argparse.Namespace, unet, distributed_type) -> TrainedWeights:
     """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.FSDP and (args.lora_rank or args.use_ema):
+        raise UserError(
+            "--lora_rank and --use_ema are not supported under FSDP (sharded weights); use DDP or DeepSpeed "
+            "ZeRO-2 (examples/accelerate/) for them"
+        )
     lora = ema = None
     if args.lora_rank:
         check_lora_base(args.pretrained_model_name_or_path, args.allow_epsilon_base, args.revision)
@@ -538,7 +545,14 @@ def load_vae_for_outputs(args: argparse.Namespace):
 
 
 def save_outputs(
-    args, accelerator, weights: TrainedWeights, data: TrainingRows, metrics: dict, step: int, run_id: str
+    args,
+    accelerator,
+    weights: TrainedWeights,
+    unet,
+    data: TrainingRows,
+    metrics: dict,
+    step: int,
+    run_id: str,
 ) -> None:
     """The one save path for the model: diffusers pipeline + single file (or the LoRA files), the EMA beside,
     config JSON, model card, Hub upload.
@@ -546,6 +560,7 @@ def save_outputs(
     outputs.json is written last: it says the outputs of ``step`` of this run are complete (a requeue of a
     finished run then leaves them alone).
     """
+    model = weights.main_process_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return
     out = Path(args.output_dir)
@@ -553,7 +568,7 @@ def save_outputs(
     weights.save(out, name, args.pretrained_model_name_or_path, not args.no_ztsnr, args.export_ema)
     if weights.lora is None:
         with weights.exported(args.export_ema):
-            save_model(args, weights.unet, data, out, name)
+            save_model(args, model, data, out, name)
     config = {k: v for k, v in vars(args).items() if k != "hub_token"}
     (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
     card = model_card(
@@ -623,7 +638,7 @@ def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
 
 
 def run_validation(
-    args, accelerator, weights: TrainedWeights, data: TrainingRows, alpha_bar, step: int
+    args, accelerator, weights: TrainedWeights, unet, data: TrainingRows, alpha_bar, step: int
 ) -> dict[str, float]:
     """Validation loss on held-out rows and sample grids (all processes' models are equal; main computes).
 
@@ -632,9 +647,9 @@ def run_validation(
     from diffusers import StableDiffusionXLPipeline
 
     metrics: dict[str, float] = {}
+    model = weights.main_process_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return metrics
-    model = weights.unet
     with accelerator.autocast(), weights.exported(args.validate_ema):
         metrics = fixed_validation_loss(
             model, data.validation_batches(accelerator.device), alpha_bar, seed=args.seed
@@ -688,10 +703,10 @@ def finish_only(
     )
     if not plan.outputs_complete:
         logger.info("its outputs are missing or incomplete: writing them from %s", plan.resume)
-        accelerator.prepare(weights.unet)
+        unet = accelerator.prepare(weights.unet)
         weights.register_checkpoint_hooks(accelerator)
         accelerator.load_state(plan.resume)
-        save_outputs(args, accelerator, weights, data, {}, plan.resume_step, plan.run_id)
+        save_outputs(args, accelerator, weights, unet, data, {}, plan.resume_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": plan.resume_step, "skipped_steps": 0, "finished_before": True}
@@ -728,7 +743,7 @@ def main(args: argparse.Namespace) -> dict:
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
     # Model: the whole UNet or a LoRA on it, with its EMA; then schedule and optimizer.
-    weights = trained_weights(args, load_unet(args, accelerator.device.type))
+    weights = trained_weights(args, load_unet(args, accelerator.device.type), accelerator.distributed_type)
     if plan.finished_at(max_steps):
         return finish_only(args, accelerator, weights, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
@@ -844,11 +859,11 @@ def main(args: argparse.Namespace) -> dict:
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
             save_checkpoint(args, accelerator, global_step, position, plan.run_id)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
-            metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
+            metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
 
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, weights, data, metrics, global_step, plan.run_id)
+    metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
+    save_outputs(args, accelerator, weights, unet, data, metrics, global_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()

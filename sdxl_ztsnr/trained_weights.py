@@ -108,6 +108,24 @@ class TrainedWeights:
             accelerator.register_save_state_pre_hook(self.ema.save_state_hook(writer))
             accelerator.register_load_state_pre_hook(self.ema.load_state_hook())
 
+    def main_process_unet(self, accelerator, prepared: torch.nn.Module) -> torch.nn.Module | None:
+        """The UNet with all of its weights on the main process (None on the others); every process must call.
+
+        DDP and DeepSpeed ZeRO-2 keep whole weights on every process: the trained module itself. Under FSDP each
+        process holds a shard: accelerate gathers the full state dict to the main process into a copy of the UNet
+        (one more UNet in the main process's memory while validating or exporting).
+        """
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type != DistributedType.FSDP:
+            return self.unet if accelerator.is_main_process else None
+        state = accelerator.get_state_dict(prepared)  # a collective: all processes take part
+        if not accelerator.is_main_process:
+            return None
+        full = type(self.unet).from_config(self.unet.config)
+        full.load_state_dict(state)
+        return full.to(accelerator.device)
+
     def after_update(self, step: int, final: bool = False) -> None:
         """After optimizer update ``step``: the EMA follows (``final`` folds in steps skipped by update_every)."""
         if self.ema is not None:
