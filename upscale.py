@@ -30,6 +30,7 @@ from sdxl_ztsnr.sampling import (
 from sdxl_ztsnr.schedule import NAI_SIGMA_MAX
 from sdxl_ztsnr.tiling import REDRAW_MODES, SEAMS_FIX_MODES
 from sdxl_ztsnr.upscaling import SeamsFixOptions, TileOptions, load_upscaler, split_alpha, upscale
+from sdxl_ztsnr.validation import image_grid
 
 OUTPUT_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seams.add_argument("--seams_fix_width", type=int, default=64)
     seams.add_argument("--seams_fix_padding", type=int, default=16)
     seams.add_argument("--seams_fix_mask_blur", type=int, default=8)
+    parser.add_argument("--side_by_side", type=Path, default=None, help="also write Lanczos | result here")
     parser.add_argument("--color_fix", choices=COLOR_FIX_MODES, default="wavelet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
@@ -158,6 +160,9 @@ def main(args: argparse.Namespace) -> Path:
         save_png(result, args.out, a1111_parameters(args.prompt, args.negative_prompt, settings))
     else:
         result.save(args.out, format=fmt, quality=95)
+    if args.side_by_side is not None:
+        plain = image.convert(result.mode).resize(result.size, Image.LANCZOS)
+        image_grid([plain, result], columns=2).save(args.side_by_side)
     print(f"wrote {args.out} ({result.width}x{result.height}, {result.mode})")
     return args.out
 

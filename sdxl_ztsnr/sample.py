@@ -3,8 +3,9 @@
     python -m sdxl_ztsnr.sample --model OUT_DIR --prompt "1girl, solid black background" --out samples
     python -m sdxl_ztsnr.sample --model model.safetensors --config BASE_DIR --prompt ... --out samples
 
-Each image is a PNG carrying its generation parameters in A1111's ``parameters`` text chunk; image i uses
-seed --seed + i. A plain ε SDXL samples with its own scheduler settings.
+Each image is a PNG carrying its generation parameters in A1111's ``parameters`` text chunk; image i (over
+all prompts, --num_images per prompt) uses seed --seed + i. A plain ε SDXL samples with its own scheduler
+settings.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sdxl_ztsnr.sampling import (
     training_alpha_bar,
 )
 from sdxl_ztsnr.schedule import NAI_SIGMA_MAX
+from sdxl_ztsnr.validation import image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,10 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default=None, help="for a single file: a diffusers SDXL directory holding the configs"
     )
-    parser.add_argument("--prompt", required=True, help="A1111 emphasis: (tag:1.2), (tag), [tag]")
+    parser.add_argument(
+        "--prompt", required=True, action="append", help="A1111 emphasis: (tag:1.2), (tag), [tag]; repeatable"
+    )
     parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--out", required=True, type=Path, help="directory for the PNGs (created)")
-    parser.add_argument("--num_images", type=int, default=1)
+    parser.add_argument("--num_images", type=int, default=1, help="per prompt")
     parser.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
@@ -60,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--base_resolution", type=int, default=1024, help="side the model was trained at")
     parser.add_argument("--no_emphasis", action="store_true", help="read brackets in prompts as plain text")
+    parser.add_argument(
+        "--grid", type=Path, default=None, help="also write all images as one grid PNG (a row per prompt)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
@@ -87,6 +94,25 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def png_settings(args: argparse.Namespace, scheduler_config) -> dict:
+    """The A1111 "Key: value" settings of this run (the seed is added per image)."""
+    model = Path(args.model)
+    ztsnr = training_alpha_bar(scheduler_config, args.sigma_max) is not None
+    return {
+        "Steps": args.steps,
+        "Sampler": A1111_SAMPLER_NAMES[args.sampler],
+        "CFG scale": args.guidance_scale,
+        "Size": f"{args.width}x{args.height}",
+        "Model hash": model_hash(model) if model.is_file() else None,
+        "Model": model.stem if model.is_file() else model.resolve().name,
+        "CFG Rescale phi": args.guidance_rescale or None,
+        "Noise Schedule": "Zero Terminal SNR" if ztsnr else None,
+        "Sigma max": args.sigma_max if ztsnr else None,
+        "Prediction": scheduler_config["prediction_type"],
+        "Attention scaling": f"base {args.base_resolution}" if args.attention_scaling else None,
+    }
+
+
 def main(args: argparse.Namespace) -> list[Path]:
     from tqdm.auto import tqdm
 
@@ -94,13 +120,14 @@ def main(args: argparse.Namespace) -> list[Path]:
         check_args(args)
         pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
         pipeline.set_progress_bar_config(disable=True)
-        seed = random.randrange(2**32) if args.seed == -1 else args.seed
-        seeds = [seed + i for i in range(args.num_images)]
-        with tqdm(total=args.num_images * args.steps, desc="sampling", unit="step") as bar:
+        prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
+        first = random.randrange(2**32) if args.seed == -1 else args.seed
+        seeds = [first + i for i in range(len(prompts))]
+        with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="step") as bar:
             images = generate(
                 pipeline,
-                [args.prompt] * args.num_images,
-                [args.negative_prompt] * args.num_images,
+                prompts,
+                [args.negative_prompt] * len(prompts),
                 seeds,
                 height=args.height,
                 width=args.width,
@@ -116,30 +143,18 @@ def main(args: argparse.Namespace) -> list[Path]:
             )
     except SamplingInputError as error:
         raise SystemExit(f"error: {error}") from None
-    model = Path(args.model)
-    ztsnr = training_alpha_bar(pipeline.scheduler.config, args.sigma_max) is not None
-    settings = {
-        "Steps": args.steps,
-        "Sampler": A1111_SAMPLER_NAMES[args.sampler],
-        "CFG scale": args.guidance_scale,
-        "Size": f"{args.width}x{args.height}",
-        "Model hash": model_hash(model) if model.is_file() else None,
-        "Model": model.stem if model.is_file() else model.resolve().name,
-        "CFG Rescale phi": args.guidance_rescale or None,
-        "Noise Schedule": "Zero Terminal SNR" if ztsnr else None,
-        "Sigma max": args.sigma_max if ztsnr else None,
-        "Prediction": pipeline.scheduler.config.prediction_type,
-        "Attention scaling": f"base {args.base_resolution}" if args.attention_scaling else None,
-    }
+    settings = list(png_settings(args, pipeline.scheduler.config).items())
     args.out.mkdir(parents=True, exist_ok=True)
     start = len(list(args.out.glob("*.png")))
     paths = []
-    for offset, (image, image_seed) in enumerate(zip(images, seeds, strict=True)):
+    for offset, (image, prompt, seed) in enumerate(zip(images, prompts, seeds, strict=True)):
         # A1111's order: Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, then the rest.
-        ordered = dict(list(settings.items())[:3]) | {"Seed": image_seed} | dict(list(settings.items())[3:])
-        text = a1111_parameters(args.prompt, args.negative_prompt, ordered)
-        paths.append(save_png(image, args.out / f"{start + offset:05d}-{image_seed}.png", text))
-    print(f"wrote {len(paths)} image(s) to {args.out}")
+        ordered = dict(settings[:3]) | {"Seed": seed} | dict(settings[3:])
+        text = a1111_parameters(prompt, args.negative_prompt, ordered)
+        paths.append(save_png(image, args.out / f"{start + offset:05d}-{seed}.png", text))
+    if args.grid is not None:
+        image_grid(images, columns=args.num_images).save(args.grid)
+    print(f"wrote {len(paths)} image(s) to {args.out}" + (f" and a grid to {args.grid}" if args.grid else ""))
     return paths
 
 

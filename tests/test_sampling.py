@@ -370,11 +370,14 @@ def test_sample_command_directory_and_single_file_give_the_same_image(tiny_sdxl,
     path, config = single_file
     common = ["--prompt", "1girl, (solo:1.2), red hair", "--negative_prompt", "worst quality, low: 2", "--seed", "11",
               "--steps", "2", "--width", "64", "--height", "64", "--num_images", "2", "--sampler", "dpmpp_2m"]  # fmt: skip
-    from_dir = run_sample("--model", str(tiny_sdxl), "--out", str(tmp_path / "dir"), *common)
+    from_dir = run_sample(
+        "--model", str(tiny_sdxl), "--out", str(tmp_path / "dir"), "--grid", str(tmp_path / "g.png"), *common
+    )
     from_file = run_sample(
         "--model", str(path), "--config", str(config), "--out", str(tmp_path / "file"), *common
     )
     assert [p.name for p in from_dir] == ["00000-11.png", "00001-12.png"]
+    assert Image.open(tmp_path / "g.png").size == (128, 64)
     for a, b in zip(from_dir, from_file, strict=True):
         assert np.array_equal(as_array(Image.open(a)), as_array(Image.open(b)))
 

@@ -234,10 +234,19 @@ def test_script_writes_png_with_parameters_and_webp(tiny_sdxl, tmp_path):
     synthetic(40, 40).save(source)
     common = ["--model", str(tiny_sdxl), "--image", str(source), "--tile_size", "1024", "--steps", "2",
               "--denoise", "0.5", "--prompt", "cat, (solo:1.2)", "--seams_fix", "band_pass"]  # fmt: skip
-    out = run_script(*common, "--out", str(tmp_path / "out.png"), "--scale", "1.5")
+    out = run_script(
+        *common,
+        "--out",
+        str(tmp_path / "out.png"),
+        "--scale",
+        "1.5",
+        "--side_by_side",
+        str(tmp_path / "s.png"),
+    )
     with Image.open(out) as image:
         assert image.size == (60, 60)  # a tile larger than the canvas is clamped to it
         text = image.text["parameters"]
+    assert Image.open(tmp_path / "s.png").size == (120, 60)
     assert text.startswith("cat, (solo:1.2)\nSteps: 2, Sampler: Euler, CFG scale: 5.0, Seed: 0, Size: 60x60")
     assert "Denoising strength: 0.5" in text and "Upscale: 1.5x Lanczos" in text
     webp = run_script(*common, "--out", str(tmp_path / "out.webp"), "--scale", "1")
