@@ -3,6 +3,9 @@
     python precompute_latents.py --train_data_dir images/ --pretrained_model_name_or_path MODEL \
         --output_dir cache/
     accelerate launch --num_processes 8 precompute_latents.py ...   # shards inputs across ranks
+    # WebDataset tars as img2dataset writes them, streamed (nothing is copied first), latents only:
+    accelerate launch precompute_latents.py --dataset_name webdataset --streaming \
+        --data_files 'shards/{00000..01199}.tar' --text_online --pretrained_model_name_or_path MODEL --output_dir cache/
 
 Bucketed, sharded and resumable: rerun the same command after a crash (or kill) to finish the cache; on a
 finished cache it changes nothing. Bad inputs are skipped and listed in OUTPUT_DIR/skipped.jsonl. Load the
@@ -35,6 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dataset_name", help="HF dataset: Hub name, local load_dataset path or save_to_disk dir"
     )
     data.add_argument("--dataset_split", default="train")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read --dataset_name as a stream (datasets IterableDataset): for datasets too large to copy first",
+    )
+    data.add_argument(
+        "--data_files",
+        nargs="+",
+        help="with --streaming: files or patterns of the dataset, e.g. 'shards/{00000..00099}.tar' "
+        "(--dataset_name webdataset; brace ranges and globs are expanded)",
+    )
     data.add_argument("--image_column", default="image")
     data.add_argument("--caption_column", default="text")
     data.add_argument(
@@ -60,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--text_online",
         action="store_true",
-        help="store no text embeddings: the trainer encodes each step (allows tag dropout)",
+        help="store no text embeddings, only latents and tags (the mode for large datasets: a row is ~131 KiB "
+        "at 1024² instead of 441-1057 KiB with 1-3 text chunks); the trainer encodes captions each step "
+        "(allows tag dropout)",
     )
     buckets = parser.add_argument_group("buckets")
     buckets.add_argument("--resolution", type=int, default=1024, help="maximum bucket area is resolution²")
@@ -96,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.train_data_dir) == bool(args.dataset_name):
         parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
+    if (args.streaming or args.data_files) and not args.dataset_name:
+        parser.error("--streaming and --data_files read a --dataset_name (e.g. --dataset_name webdataset)")
+    if args.data_files and not args.streaming:
+        parser.error("--data_files needs --streaming (large file sets are read as a stream, never copied)")
     if args.push_to_hub and not args.hub_repo_id:
         parser.error("--push_to_hub needs --hub_repo_id (e.g. user/my-sdxl-cache)")
     return args
@@ -164,8 +184,10 @@ def main(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
 
     from sdxl_ztsnr import cache, hub
+    from sdxl_ztsnr.console import UserError
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
     from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs, load_vae, precompute
+    from sdxl_ztsnr.streaming_inputs import StreamingInputs
     from sdxl_ztsnr.text_encoding import load_text_encoders
 
     datasets.disable_progress_bars()  # our own tqdm bar counts images; save_to_disk's per-shard bars are noise
@@ -173,8 +195,8 @@ def main(args: argparse.Namespace) -> dict:
     # Several processes without CUDA: accelerate only sets up gloo when asked for the CPU explicitly.
     state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
     if state.num_processes != launched:
-        sys.exit(
-            f"error: launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
+        raise UserError(
+            f"launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
         )
     if state.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a few fixed bucket shapes: autotuning pays off
@@ -182,6 +204,10 @@ def main(args: argparse.Namespace) -> dict:
     # Inputs
     if args.train_data_dir:
         inputs = FolderInputs(args.train_data_dir)
+    elif args.streaming:
+        inputs = StreamingInputs(
+            args.dataset_name, args.data_files, args.image_column, args.caption_column, args.dataset_split
+        )
     else:
         inputs = DatasetInputs(args.dataset_name, args.image_column, args.caption_column, args.dataset_split)
     # Models
@@ -258,4 +284,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

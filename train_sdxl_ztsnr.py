@@ -18,13 +18,14 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sdxl_ztsnr import checkpointing, export
+from sdxl_ztsnr import checkpointing, export, lifecycle
+from sdxl_ztsnr.console import loading_model
+from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import (
     LOSS_WEIGHTINGS,
@@ -33,7 +34,15 @@ from sdxl_ztsnr.schedule import (
     scheduler_config,
 )
 from sdxl_ztsnr.tags import DEFAULT_CLASS_WEIGHTS
-from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows, vae_config_latent_stats
+from sdxl_ztsnr.train_data import (
+    BucketBatchSampler,
+    DataPosition,
+    TrainingRows,
+    iter_training_tags,
+    split_rows,
+    vae_config_latent_stats,
+)
+from sdxl_ztsnr.trained_weights import EmaSettings, LoraSettings, TrainedWeights, check_lora_base
 from sdxl_ztsnr.training import build_optimizer, clear_nonfinite_mark, mark_nonfinite_step, training_loss
 from sdxl_ztsnr.validation import fixed_validation_loss, image_grid, log_images, sample_images
 
@@ -77,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="raw folder of images + .txt tags; precomputed into OUTPUT_DIR/cache first",
     )
     data.add_argument(
-        "--resolution", type=int, default=1024, help="maximum bucket area is resolution² (raw data)"
+        "--resolution",
+        type=int,
+        default=None,
+        help="maximum bucket area is resolution² (raw data: default 1024; with a cache: checked against it)",
     )
     data.add_argument(
         "--bucket_step", type=int, default=64, help="bucket sides are multiples of this (raw data)"
@@ -145,6 +157,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-channel mean/std normalisation of latents from the cache's statistics",
     )
 
+    adapters = parser.add_argument_group("LoRA (instead of a full fine-tune) and EMA")
+    adapters.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="train a LoRA of this rank on the UNet (default: full UNet)",
+    )
+    adapters.add_argument(
+        "--lora_alpha", type=float, default=None, help="LoRA scale alpha/rank (default: rank)"
+    )
+    adapters.add_argument("--lora_dropout", type=float, default=0.0)
+    adapters.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(DEFAULT_TARGET_MODULES),
+        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections",
+    )
+    adapters.add_argument(
+        "--allow_epsilon_base",
+        action="store_true",
+        help="train a LoRA on an ε-prediction base anyway (it cannot make that model v-prediction ZTSNR)",
+    )
+    adapters.add_argument("--use_ema", action="store_true", help="keep an EMA of the trained weights")
+    adapters.add_argument("--ema_decay", type=float, default=0.9999, help="decay after the warm-up")
+    adapters.add_argument(
+        "--ema_warmup",
+        choices=["power", "tensorflow", "none"],
+        default="power",
+        help="decay warm-up: power 1-(1+s/inv_gamma)^-power, tensorflow s/(s+9), none",
+    )
+    adapters.add_argument("--ema_power", type=float, default=2 / 3, help="3/4 for runs under ~100k steps")
+    adapters.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    adapters.add_argument("--ema_update_every", type=int, default=1, help="update the EMA every N steps")
+    adapters.add_argument(
+        "--ema_device",
+        choices=["accelerator", "cpu"],
+        default="accelerator",
+        help="cpu keeps the fp32 average in host memory (saves accelerator memory)",
+    )
+    adapters.add_argument(
+        "--export_ema",
+        action="store_true",
+        help="the exported model (pipeline, single file, LoRA) is the EMA",
+    )
+    adapters.add_argument("--validate_ema", action="store_true", help="sample validation images with the EMA")
+
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", "--batch_size", type=int, default=4, help="per device")
     optim.add_argument("--num_train_epochs", "--num_epochs", type=int, default=1)
@@ -165,7 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="global-norm clipping; 0 or less: no clipping"
+    )
     optim.add_argument(
         "--max_bad_steps",
         type=int,
@@ -191,7 +251,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--seed", type=int, default=0)
     logs.add_argument("--checkpointing_steps", type=int, default=500)
     logs.add_argument("--checkpoints_total_limit", type=int, default=None)
-    logs.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint directory or "latest"')
+    logs.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='a checkpoint directory or "latest" (what a requeue passes: a finished run then trains nothing)',
+    )
+    logs.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start a new run in an output_dir that holds another run's checkpoints (they are deleted)",
+    )
     logs.add_argument(
         "--logging_steps", type=int, default=10, help="host syncs (loss, skipped steps) happen here"
     )
@@ -228,10 +297,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
         )
-    if (args.tag_dropout or args.keep_tokens) and not args.text_online:
-        parser.error("--tag_dropout and --keep_tokens change the caption, so they need --text_online")
+    # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
+    args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
+    args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if (args.export_ema or args.validate_ema) and not args.use_ema:
+        parser.error("--export_ema and --validate_ema need --use_ema")
     return args
 
 
@@ -243,12 +315,25 @@ def make_accelerator(args: argparse.Namespace):
         project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
     )
     report_to = None if args.report_to == "none" else args.report_to
-    return Accelerator(
+    # Several processes without CUDA: accelerate sets up gloo only when the FIRST accelerate object of the
+    # process asks for the CPU (the shared state is fixed by it; precompute's PartialState then agrees).
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=project,
+        # The lr schedule advances once per optimizer update whatever the process count, so a checkpoint
+        # resumes on another number of processes with the same learning rate.
+        step_scheduler_with_optimizer=False,
     )
+    if accelerator.num_processes != launched:
+        raise SystemExit(
+            f"error: launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
+            "check the launcher (accelerate launch --num_processes N)"
+        )
+    return accelerator
 
 
 def precompute_raw_data(args: argparse.Namespace) -> Path:
@@ -264,7 +349,7 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
         "--output_dir",
         str(cache_dir),
         "--resolution",
-        str(args.resolution),
+        str(args.resolution or 1024),
         "--bucket_step",
         str(args.bucket_step),
         "--max_token_chunks",
@@ -280,17 +365,18 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
 
 def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     """The cache (refused if made for another model), tag weights, held-out rows, online text encoders."""
-    from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity
+    from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, tag_frequencies, tag_loss_weights
     from sdxl_ztsnr.text_encoding import encode_prompts, load_text_encoders
 
-    cache_dir = Path(args.precomputed_dir) if args.precomputed_dir else precompute_raw_data(args)
+    # A local cache, a Hub dataset id (downloaded once, memory-mapped), or a raw folder precomputed now.
+    source = args.precomputed_dir or precompute_raw_data(args)
     accelerator.wait_for_everyone()
     vae = load_vae(
         args.pretrained_model_name_or_path, vae_name_or_path=args.pretrained_vae_model_name_or_path
     )
-    dataset, metadata = load_cache(cache_dir)
+    dataset, metadata, cache_dir = open_cache(source)
     cached_text = not metadata["settings"]["text_online"]
     text_online = args.text_online or not cached_text
     tokenizers, encoders = (
@@ -302,23 +388,30 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     expected = model_identity(vae, encoders if cached_text else None)
     if not cached_text:
         expected = {k: v for k, v in expected.items() if not k.startswith("text_encoder")}
+    if args.resolution is not None:
+        expected["resolution"] = args.resolution  # a cache made at another resolution is refused, by name
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
-    if text_online and not args.text_online:
+    if args.text_online_implied:
+        logger.info(
+            "--tag_dropout/--keep_tokens change captions each step: encoding them online (--text_online)"
+        )
+    elif text_online and not args.text_online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
-    train_ids, validation_ids = split_rows(len(dataset), args.validation_rows, args.seed)
-    tag_lists = dataset.with_format("arrow")["tags"].to_pylist()
+    train_ids, validation_ids = split_rows(
+        dataset.with_format("arrow")["source"], args.validation_rows, args.seed
+    )
     weights = torch.ones(len(dataset))
     if not args.no_tag_weighting:
         if args.dynamic_tag_weights:
-            frequencies = tag_frequencies(tag_lists[i] for i in train_ids)
+            frequencies = tag_frequencies(iter_training_tags(dataset, train_ids))
         else:
             frequencies = load_tag_frequencies(args.tag_frequency_path or cache_dir / "tag_frequencies.json")
         class_weights = {name: getattr(args, f"{name}_weight") for name in DEFAULT_CLASS_WEIGHTS}
         tag_classes = load_tag_classes(args.tag_class_map) if args.tag_class_map else None
-        weights[train_ids] = tag_loss_weights(
-            [tag_lists[i] for i in train_ids],
+        weights[torch.from_numpy(train_ids)] = tag_loss_weights(
+            iter_training_tags(dataset, train_ids),
             frequencies,
             class_weights,
             tag_classes,
@@ -358,9 +451,10 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
 def load_unet(args: argparse.Namespace, device_type: str):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
+    with loading_model(args.pretrained_model_name_or_path, "unet"):
+        unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+        )
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -376,46 +470,130 @@ def load_unet(args: argparse.Namespace, device_type: str):
     return unet
 
 
-def save_checkpoint(args, accelerator, step: int, epoch: int, batch_offset: int, generator) -> None:
-    """accelerate state + trainer_state.json (position in the data order, every rank's generator state)."""
-    from accelerate.utils import gather_object
+def trained_weights(args: argparse.Namespace, unet) -> TrainedWeights:
+    """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
+    lora = ema = None
+    if args.lora_rank:
+        check_lora_base(args.pretrained_model_name_or_path, args.allow_epsilon_base, args.revision)
+        lora = LoraSettings(
+            args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules)
+        )
+    if args.use_ema:
+        ema = EmaSettings(
+            args.ema_decay,
+            args.ema_update_every,
+            args.ema_device,
+            args.ema_warmup,
+            args.ema_inv_gamma,
+            args.ema_power,
+        )
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    return TrainedWeights.create(unet, lora, ema, frozen_dtype)
 
-    states = gather_object([generator.get_state().numpy().tobytes().hex()])
+
+def save_checkpoint(args, accelerator, step: int, position: DataPosition, run_id: str) -> None:
+    """accelerate state + trainer_state.json: the position in the data order and what it means.
+
+    No random state is needed: every per-sample draw is keyed by the step (sdxl_ztsnr.keyed_random).
+    """
     checkpointing.save_checkpoint_atomic(
         accelerator,
         args.output_dir,
         step,
-        {"generator_states": states},
-        epoch=epoch,
-        batch_offset=batch_offset,
+        {"run_id": run_id, "global_batch_size": args.train_batch_size * accelerator.num_processes},
+        epoch=position.epoch,
+        batch_offset=position.batch,
         total_limit=args.checkpoints_total_limit,
     )
 
 
-def restore_generator(generator: torch.Generator, states: list[str], rank: int) -> None:
-    """Set this rank's generator from a checkpoint (a rank beyond the saved ones keeps its seed)."""
-    if rank < len(states):
-        generator.set_state(torch.frombuffer(bytearray.fromhex(states[rank]), dtype=torch.uint8).clone())
+def resume_position(state: dict, global_batch_size: int) -> DataPosition:
+    """The data position of a checkpoint; a changed global batch size keeps the epoch's fraction (and says so)."""
+    saved = state.get("global_batch_size", global_batch_size)
+    offset = state["batch_offset"]
+    if saved != global_batch_size:
+        offset = offset * saved // global_batch_size
+        logger.warning(
+            "the global batch changed from %d to %d rows since the checkpoint: continuing epoch %d at batch %d; "
+            "the run will not equal an unbroken one",
+            saved,
+            global_batch_size,
+            state["epoch"],
+            offset,
+        )
+    return DataPosition(state["epoch"], offset)
 
 
-def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, final: bool) -> None:
-    """The one save path for the model: diffusers pipeline, single file, config JSON and model card."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+def load_vae_for_outputs(args: argparse.Namespace):
+    """The VAE that made the latents: --pretrained_vae_model_name_or_path when given, else the pipeline's."""
+    from diffusers import AutoencoderKL
 
+    if args.pretrained_vae_model_name_or_path:
+        with loading_model(args.pretrained_vae_model_name_or_path, "vae"):
+            return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    with loading_model(args.pretrained_model_name_or_path, "vae"):
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+        )
+
+
+def save_outputs(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, metrics: dict, step: int, run_id: str
+) -> None:
+    """The one save path for the model: diffusers pipeline + single file (or the LoRA files), the EMA beside,
+    config JSON, model card, Hub upload.
+
+    outputs.json is written last: it says the outputs of ``step`` of this run are complete (a requeue of a
+    finished run then leaves them alone).
+    """
     if not accelerator.is_main_process:
         return
-    unet = accelerator.unwrap_model(unet)
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile wrapper
-    base = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant
+    out = Path(args.output_dir)
+    name = out.resolve().name
+    weights.save(out, name, args.pretrained_model_name_or_path, not args.no_ztsnr, args.export_ema)
+    if weights.lora is None:
+        with weights.exported(args.export_ema):
+            save_model(args, weights.unet, data, out, name)
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
+    card = model_card(
+        args.hub_model_id or name,
+        args.pretrained_model_name_or_path,
+        config,
+        validation_images=None,
+        metrics=metrics,
+        normalized_latents=args.normalize_latents,
     )
-    vae = base.vae
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    (out / "README.md").write_text(card)
+    # Readable per the user's umask (safetensors writes 0600): a UI running as another user can load the model.
+    export.apply_umask([p for p in out.iterdir() if p.name != "cache"])
+    lifecycle.mark_outputs_complete(out, run_id, step)
+    if args.push_to_hub:
+        from sdxl_ztsnr.hub import DEFAULT_IGNORE_PATTERNS, push_to_hub
+
+        # A cache given with --precomputed_dir inside OUTPUT_DIR is no part of the model either.
+        ignore = list(DEFAULT_IGNORE_PATTERNS)
+        if args.precomputed_dir and Path(args.precomputed_dir).resolve().is_relative_to(out.resolve()):
+            ignore.append(Path(args.precomputed_dir).resolve().relative_to(out.resolve()).as_posix() + "/")
+        push_to_hub(out, args.hub_model_id or name, token=args.hub_token, ignore_patterns=ignore)
+
+
+def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
+    """The fine-tuned UNet as a diffusers pipeline directory and a single file (original SDXL layout)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    vae = load_vae_for_outputs(args)
+    with loading_model(args.pretrained_model_name_or_path):
+        base = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path,
+            unet=unet,
+            vae=vae,
+            revision=args.revision,
+            variant=args.variant,
+        )
     mean, std = (None, None)
     if args.normalize_latents:
         mean, std = vae_config_latent_stats(data.latents_mean, data.latents_std, vae.config.scaling_factor)
-    out = Path(args.output_dir)
     export.save_pipeline(
         out,
         unet,
@@ -426,9 +604,11 @@ def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, fin
         latents_mean=mean,
         latents_std=std,
         ztsnr=not args.no_ztsnr,
+        # The normalisation folded into the VAE's 1×1 convolutions (exact): every consumer, including diffusers
+        # pipelines that ignore latents_mean/std and the single file's loaders, decodes the UNet's latents right.
+        fold_latents=True,
     )
     if not args.no_single_file:
-        name = Path(args.output_dir).resolve().name
         export.save_single_file(
             out / f"{name}.safetensors",
             unet.state_dict(),
@@ -437,39 +617,33 @@ def save_outputs(args, accelerator, unet, data: TrainingRows, metrics: dict, fin
             base.text_encoder_2.state_dict(),
             v_pred=True,
             ztsnr=not args.no_ztsnr,
+            latents_mean=mean,
+            latents_std=std,
         )
-    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
-    (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
-    card = model_card(
-        args.hub_model_id or out.resolve().name,
-        args.pretrained_model_name_or_path,
-        config,
-        validation_images=None,
-        metrics=metrics,
-    )
-    (out / "README.md").write_text(card)
-    if final and args.push_to_hub:
-        from sdxl_ztsnr.hub import push_to_hub
-
-        push_to_hub(out, args.hub_model_id or out.resolve().name, token=args.hub_token)
 
 
-def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step: int) -> dict[str, float]:
-    """Validation loss on held-out rows (all processes' models are equal; main computes) and sample grids."""
+def run_validation(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, alpha_bar, step: int
+) -> dict[str, float]:
+    """Validation loss on held-out rows and sample grids (all processes' models are equal; main computes).
+
+    With --validate_ema both use the EMA weights.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     metrics: dict[str, float] = {}
     if not accelerator.is_main_process:
         return metrics
-    model = accelerator.unwrap_model(unet)
-    with accelerator.autocast():
+    model = weights.unet
+    with accelerator.autocast(), weights.exported(args.validate_ema):
         metrics = fixed_validation_loss(
             model, data.validation_batches(accelerator.device), alpha_bar, seed=args.seed
         )
         if args.validation_prompt:
             pipeline = StableDiffusionXLPipeline.from_pretrained(
                 args.pretrained_model_name_or_path,
-                unet=getattr(model, "_orig_mod", model),
+                unet=model,
+                vae=load_vae_for_outputs(args),
                 revision=args.revision,
                 variant=args.variant,
                 torch_dtype=torch.float32,
@@ -502,19 +676,45 @@ def run_validation(args, accelerator, unet, data: TrainingRows, alpha_bar, step:
     return metrics
 
 
+def finish_only(
+    args, accelerator, weights: TrainedWeights, data: TrainingRows, plan: lifecycle.RunPlan
+) -> dict:
+    """A requeue of a finished run: train nothing, overwrite nothing; write the outputs only if missing."""
+    logger.info(
+        "run %s already finished at step %d (%s): nothing to train",
+        plan.run_id,
+        plan.resume_step,
+        plan.resume,
+    )
+    if not plan.outputs_complete:
+        logger.info("its outputs are missing or incomplete: writing them from %s", plan.resume)
+        accelerator.prepare(weights.unet)
+        weights.register_checkpoint_hooks(accelerator)
+        accelerator.load_state(plan.resume)
+        save_outputs(args, accelerator, weights, data, {}, plan.resume_step, plan.run_id)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"step": plan.resume_step, "skipped_steps": 0, "finished_before": True}
+
+
 def main(args: argparse.Namespace) -> dict:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved" lines break the bar
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    # Lifecycle first (before hours of precompute): fresh start, resume, or an already finished run.
+    plan = lifecycle.plan_run_on_all_ranks(
+        accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir
+    )
 
-    # Data: the latent cache (built here from raw images if needed), batches of one bucket each.
+    # Data: the latent cache (built here from raw images if needed), global batches of one bucket each.
     data = load_training_data(args, accelerator)
     sampler = BucketBatchSampler(
         data.train_buckets,
@@ -523,18 +723,20 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    updates_per_epoch = math.ceil(len(sampler) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    accumulation = args.gradient_accumulation_steps
+    # Accumulation cycles run across epoch ends: an epoch is a number of micro-batches, not of updates.
+    max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
-    # Model, schedule, optimizer.
-    unet = load_unet(args, accelerator.device.type)
+    # Model: the whole UNet or a LoRA on it, with its EMA; then schedule and optimizer.
+    weights = trained_weights(args, load_unet(args, accelerator.device.type))
+    if plan.finished_at(max_steps):
+        return finish_only(args, accelerator, weights, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
     lr = args.learning_rate
     if args.scale_lr:
-        lr *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        lr *= args.train_batch_size * accumulation * accelerator.num_processes
     optimizer = build_optimizer(
-        unet.parameters(),
+        weights.parameters,
         "adamw8bit" if args.use_8bit_adam else "adamw",
         lr,
         (args.adam_beta1, args.adam_beta2),
@@ -542,44 +744,38 @@ def main(args: argparse.Namespace) -> dict:
         args.adam_epsilon,
         accelerator.device.type,
     )
-    # accelerate steps a prepared scheduler once per process per update, hence the factor.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(weights.unet, optimizer, lr_scheduler)
+    weights.register_checkpoint_hooks(accelerator)
     if args.enable_compile:
         unet = torch.compile(unet, mode=args.compile_mode)
-    # Listed once: walking the module tree behind unet.parameters() costs milliseconds of host time per step.
-    trained_parameters = list(unet.parameters())
-    # Timesteps, noise and caption dropout come from this CPU generator: reproducible on any device,
-    # and saved in each checkpoint (as JSON, not a pickle) so a resumed run draws what the unbroken run drew.
-    generator = torch.Generator().manual_seed(args.seed * 1009 + accelerator.process_index)
+    # --max_grad_norm 0 (kohya's "no clipping"): the norm is still computed, to catch non-finite steps.
+    clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
-    # Resume: weights, optimizer, lr schedule, RNG and the position in the data order.
-    global_step, start_epoch, start_batch = 0, 0, 0
-    resume = checkpointing.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = checkpointing.load_trainer_state(resume)
-        global_step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_offset"]
-        restore_generator(generator, state["generator_states"], accelerator.process_index)
-        logger.info("resumed from %s at step %d", resume, global_step)
+    # Resume: weights, optimizer, lr schedule and the position in the data order.
+    global_step, position = 0, DataPosition()
+    if plan.resume is not None:
+        accelerator.load_state(plan.resume)
+        state = checkpointing.load_trainer_state(plan.resume)
+        global_step = state["step"]
+        position = resume_position(state, sampler.global_batch_size)
+        logger.info("resumed run %s from %s at step %d", plan.run_id, plan.resume, global_step)
+    accelerator.step = 0  # checkpoints sit on update boundaries: the next micro-batch starts a cycle
     if accelerator.is_main_process:
         accelerator.init_trackers(
             args.wandb_project if "wandb" in args.report_to else "sdxl_ztsnr",
             config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
             init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
         )
-
     logger.info(
-        "%d training rows, %d buckets, %d steps, %d epochs",
-        len(data.train_buckets),
-        len(set(data.train_buckets)),
+        "%d training rows, %d buckets, %d global batches of %d per epoch, %d steps",
+        len(data.train_ids),
+        len(sampler.rows_by_bucket),
+        len(sampler),
+        sampler.global_batch_size,
         max_steps,
-        num_epochs,
     )
     # Start-up leaves millions of long-lived objects (models, datasets): one automatic full garbage collection
     # over them stalls a step for ~0.4 s. Collect once now and keep them out of later collections.
@@ -588,86 +784,78 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(
         total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    stream = data.stream(sampler, accelerator.device, args.seed, position, global_step * accumulation)
     running_loss = torch.zeros((), device=accelerator.device)
     bad_in_a_row = torch.zeros((), device=accelerator.device)
     bad_total = torch.zeros((), device=accelerator.device)
-    samples_since_log, log_time = 0, time.perf_counter()
+    micro_batches, log_time = 0, time.perf_counter()
     metrics: dict[str, float] = {}
 
-    for epoch in range(start_epoch, num_epochs):
-        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
-        for batch_index, batch in enumerate(
-            data.loader(sampler, accelerator.device, generator), start=sampler.start_batch
-        ):
+    while global_step < max_steps:
+        for _ in range(accumulation):  # one optimizer update
+            position, batch = next(stream)
             with accelerator.accumulate(unet):
                 # The loss in one place: ZTSNR noising, v target, MSE × MinSNR(guarded) × tag weight.
                 loss, _ = training_loss(
                     unet,
                     batch,
                     alpha_bar,
-                    generator,
-                    args.loss_weighting,
-                    args.snr_gamma,
-                    data.timestep_shift(batch) if args.resolution_shift else 1.0,
+                    weighting=args.loss_weighting,
+                    snr_gamma=args.snr_gamma,
+                    timestep_shift=data.timestep_shift(batch) if args.resolution_shift else 1.0,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(weights.parameters, clip_norm)
                     found_inf = mark_nonfinite_step(optimizer, grad_norm, args.mixed_precision == "fp16")
                 optimizer.step()
                 clear_nonfinite_mark(optimizer)
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             running_loss += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0)
-            samples_since_log += args.train_batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            bad_in_a_row = (bad_in_a_row + found_inf) * found_inf
-            bad_total += found_inf
-            progress.update(1)
+            micro_batches += 1
+        lr_scheduler.step()
+        global_step += 1
+        weights.after_update(global_step, final=global_step == max_steps)
+        bad_in_a_row = (bad_in_a_row + found_inf) * found_inf
+        bad_total += found_inf
+        progress.update(1)
 
-            if global_step % args.logging_steps == 0 or global_step == max_steps:
-                elapsed = time.perf_counter() - log_time
-                logs = {
-                    "loss": running_loss.item() / (args.logging_steps * args.gradient_accumulation_steps),
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": samples_since_log / elapsed,
-                    "skipped_steps": bad_total.item(),
-                }
-                progress.set_postfix(
-                    loss=f"{logs['loss']:.4f}",
-                    lr=f"{logs['lr']:.2e}",
-                    samples_s=f"{logs['samples_per_s']:.2f}",
+        if global_step % args.logging_steps == 0 or global_step == max_steps:
+            elapsed = time.perf_counter() - log_time
+            logs = {
+                # the mean over the micro-batches of this window, on every process
+                "loss": accelerator.reduce(running_loss, "mean").item() / micro_batches,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_s": micro_batches * sampler.global_batch_size / elapsed,
+                "skipped_steps": bad_total.item(),
+            }
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", samples_s=f"{logs['samples_per_s']:.2f}"
+            )
+            accelerator.log(logs, step=global_step)
+            running_loss.zero_()
+            micro_batches, log_time = 0, time.perf_counter()
+            if bad_in_a_row.item() >= args.max_bad_steps:
+                save_checkpoint(args, accelerator, global_step, position, plan.run_id)
+                raise SystemExit(
+                    f"{int(bad_in_a_row.item())} non-finite steps in a row at step {global_step}: "
+                    "lower --learning_rate or check the data; a checkpoint was saved"
                 )
-                accelerator.log(logs, step=global_step)
-                running_loss.zero_()
-                samples_since_log, log_time = 0, time.perf_counter()
-                if bad_in_a_row.item() >= args.max_bad_steps:
-                    save_checkpoint(args, accelerator, global_step, epoch, batch_index + 1, generator)
-                    raise SystemExit(
-                        f"{int(bad_in_a_row.item())} non-finite steps in a row at step {global_step}: "
-                        "lower --learning_rate or check the data; a checkpoint was saved"
-                    )
-            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(args, accelerator, global_step, epoch, batch_index + 1, generator)
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
-            if global_step >= max_steps:
-                break
-        if global_step >= max_steps:
-            break
+        if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+            save_checkpoint(args, accelerator, global_step, position, plan.run_id)
+        if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
+            metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
 
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, unet, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, unet, data, metrics, final=True)
+    metrics = run_validation(args, accelerator, weights, data, alpha_bar, global_step)
+    save_outputs(args, accelerator, weights, data, metrics, global_step, plan.run_id)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()
     return {"step": global_step, "skipped_steps": bad_total.item(), **metrics}
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

@@ -26,6 +26,7 @@ Goals: full loop within 10% of bare; on one GPU, loop >= 1.5x ref. Compare numbe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -327,13 +328,8 @@ def trainer_batches(args: argparse.Namespace, count: int):
     accelerator = train_sdxl_ztsnr.make_accelerator(args)
     data = train_sdxl_ztsnr.load_training_data(args, accelerator)
     sampler = BucketBatchSampler(data.train_buckets, args.train_batch_size, args.seed, 0, 1)
-    generator = torch.Generator().manual_seed(args.seed * 1009)
-    batches, epoch = [], 0
-    while len(batches) < count:
-        sampler.set_epoch(epoch)
-        batches += list(data.loader(sampler, accelerator.device, generator))
-        epoch += 1
-    return accelerator, batches[:count]
+    stream = data.stream(sampler, accelerator.device, args.seed)
+    return accelerator, [batch for _, batch in itertools.islice(stream, count)]
 
 
 def run_tiny(options: argparse.Namespace) -> list[dict]:
@@ -590,7 +586,8 @@ def run_sdxl(options: argparse.Namespace) -> list[dict]:
         sampler = BucketBatchSampler(data.train_buckets, batch_size, 0, 0, 1)
         loop = prepared_trainer(accelerator, unet, 1e-6, total, 0, options.compile)
         if "step" in variants:
-            batches = list(data.loader(sampler, accelerator.device, loop.generator))
+            stream = data.stream(sampler, accelerator.device, 0)
+            batches = [batch for _, batch in itertools.islice(stream, len(sampler))]
             measure("step", lambda: seconds_per_step(loop.step, batches, device, warmup))
             del batches
         if "loop" in variants:
@@ -643,9 +640,9 @@ def time_trainer_loop(loop: TrainerLoop, data, sampler, warmup: int, logging_ste
     """One pass of the trainer's loop over ``data`` (loader, step, logging); wall s/step after the warm-up."""
     device = loop.accelerator.device
     sync = sync_fn(device)
-    sampler.set_epoch(0)
     count, start = 0, 0.0
-    for index, batch in enumerate(data.loader(sampler, device, loop.generator)):
+    one_epoch = itertools.islice(data.stream(sampler, device, 0), len(sampler))
+    for index, (_, batch) in enumerate(one_epoch):
         if index == warmup:
             sync()
             start = time.perf_counter()

@@ -5,7 +5,9 @@ empty-chunk embedding that pads prompts.
 Layout of `output_dir`:
     shards/plan.json                 settings + input fingerprint the shards were made under (resume check)
     shards/shard-00007/              one finished shard: a save_to_disk dataset + shard.json (its skipped
-                                     inputs, tag counts, Welford state); written as shard-00007.tmp, renamed
+                                     inputs, tag counts, Welford state; for a stream also where the stream
+                                     stood after it and whether it was its rank's last); written as
+                                     shard-00007.tmp, renamed
     state.json, dataset_info.json    the merged Dataset; its arrow files stay in shards/ (no copy at merge)
     cache_metadata.json              written last: its presence marks a finished cache
     skipped.jsonl, tag_frequencies.json, pad_chunk.safetensors
@@ -14,7 +16,8 @@ Columns (fp16 tensors as nested lists, so any datasets formatter returns them in
     latents (4, H/8, W/8) VAE latent mean × scaling_factor; prompt_embeds (77·k, C) with k the row's own
     chunk count; pooled_prompt_embeds (P,); original_size, crop_top_left, target_size, bucket as
     [height, width]; tags list[str]; prompt str (the text encoded); source str (the image path relative to
-    the data folder, or "dataset_name[index]"); flipped bool.
+    the data folder, "dataset_name[index]", or for a stream "<tar>/<key>" or "dataset_name[r<rank>:<i>]");
+    flipped bool.
 Nested lists of fixed rank keep every column a plain arrow type (parquet, polars and the Hub viewer read
 it). datasets' torch formatter turns a 1024², 3-chunk row into float32 tensors in ~15 ms; `rows_as_tensors`
 reads the same rows straight from arrow as fp16 in ~1 ms (the fast path for training).
@@ -39,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.latent_stats import WelfordState, merge_all
 from sdxl_ztsnr.tags import save_tag_frequencies
 from sdxl_ztsnr.text_encoding import config_hash
@@ -303,12 +307,12 @@ def load_pad_chunk(cache_dir: str | os.PathLike) -> torch.Tensor | None:
     return load_file(str(path))["pad_chunk"] if path.is_file() else None
 
 
-def merge_shards(output_dir: Path, num_shards: int, summaries: dict[int, dict], fingerprint: str) -> int:
+def merge_shards(output_dir: Path, summaries: dict[int, dict], fingerprint: str) -> int:
     """Write state.json/dataset_info.json so load_from_disk(output_dir) reads every shard's arrow files in
     shard order, in place; returns the row count. The files are swapped in atomically, each."""
     output_dir = Path(output_dir)
     data_files, info, state, rows = [], None, None, 0
-    for index in range(num_shards):
+    for index in sorted(summaries):
         if summaries[index]["rows"] == 0:
             continue
         directory = shard_dir(output_dir, index)
@@ -330,8 +334,8 @@ def merge_shards(output_dir: Path, num_shards: int, summaries: dict[int, dict], 
 
 
 def load_cache(cache_dir: str | os.PathLike, expected: dict | None = None) -> tuple[datasets.Dataset, dict]:
-    """(Dataset, metadata) of a finished cache; raises ValueError naming each setting in `expected`
-    (keys of metadata["settings"]) that the cache was made with differently."""
+    """(Dataset, metadata) of a finished cache (or of a folder laid out by stage_for_hub); raises ValueError
+    naming each setting in `expected` (keys of metadata["settings"]) that the cache was made with differently."""
     cache_dir = Path(cache_dir)
     metadata_path = cache_dir / METADATA_FILE
     if not metadata_path.is_file():
@@ -340,36 +344,121 @@ def load_cache(cache_dir: str | os.PathLike, expected: dict | None = None) -> tu
             if (cache_dir / SHARDS_DIR).is_dir()
             else "make one with precompute_latents.py --output_dir " + str(cache_dir)
         )
-        raise ValueError(f"{cache_dir} is not a finished latent cache (no {METADATA_FILE}); {hint}")
+        what = "is not a finished latent cache" if cache_dir.is_dir() else "does not exist"
+        raise UserError(f"{cache_dir} {what} (no {METADATA_FILE}); {hint}")
     metadata = read_json(metadata_path)
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{metadata_path}: cache format version {metadata.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}; rebuild it with precompute_latents.py --overwrite"
         )
     diffs = settings_differences(metadata["settings"], expected or {})
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{cache_dir} was made with different settings than this run needs:\n  "
             + "\n  ".join(diffs)
             + "\nrebuild it (precompute_latents.py --overwrite) with this model and these settings"
         )
-    dataset = datasets.load_from_disk(str(cache_dir))
+    dataset = _open_rows(cache_dir)
     if len(dataset) != metadata["counts"]["rows"]:
-        raise ValueError(
+        raise UserError(
             f"{cache_dir}: {len(dataset)} rows on disk, metadata says {metadata['counts']['rows']}; "
             "the cache is damaged, rebuild it with --overwrite"
         )
     return dataset, metadata
 
 
+HUB_FILES = ("data/*.parquet", METADATA_FILE, TAG_FREQUENCIES_FILE, PAD_CHUNK_FILE, "README.md")
+
+
+def _open_rows(cache_dir: Path) -> datasets.Dataset:
+    """Memory-mapped rows of a cache directory, or of a Hub layout (data/*.parquet: converted to arrow once,
+    in the datasets cache, then memory-mapped like a local cache; RAM stays flat at any size)."""
+    if (cache_dir / "state.json").is_file() or not (cache_dir / "data").is_dir():
+        return datasets.load_from_disk(str(cache_dir))
+    files = sorted(str(p) for p in (cache_dir / "data").glob("*.parquet"))
+    return datasets.load_dataset("parquet", data_files=files, split="train", keep_in_memory=False)
+
+
+def download_cache(repo_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Local folder of a cache pushed to the Hub (precompute_latents.py --push_to_hub): snapshot_download of
+    its data files and side files. Raises FileNotFoundError with the fix when it cannot be fetched."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise FileNotFoundError(
+            f"--precomputed_dir {repo_id}: no such directory, and not a Hub dataset id (user/name) either"
+        )
+    try:
+        folder = snapshot_download(
+            repo_id, repo_type="dataset", revision=revision, token=token, allow_patterns=list(HUB_FILES)
+        )
+    except (OSError, HfHubHTTPError) as error:  # offline, no such repo, no access
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"--precomputed_dir {repo_id}: no local directory of that name, and the Hub dataset could not be "
+            f"fetched ({reason}); check the id (a cache pushed by precompute_latents.py --push_to_hub), log in "
+            "(hf auth login) for a private one, and unset HF_HUB_OFFLINE to download"
+        ) from None
+    return Path(folder)
+
+
+def open_cache(
+    name_or_path: str | os.PathLike,
+    expected: dict | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> tuple[datasets.Dataset, dict, Path]:
+    """(Dataset, metadata, folder holding tag_frequencies.json and pad_chunk.safetensors) of a finished cache:
+    a local cache directory, a folder laid out by stage_for_hub, or the id of a Hub dataset repo holding one.
+    Rows are memory-mapped, never loaded into RAM. Several processes may call it at once: the download and
+    the parquet-to-arrow conversion are guarded by file locks (put HF_HOME on a disk every rank sees)."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        folder = download_cache(str(name_or_path), revision, token)
+    dataset, metadata = load_cache(folder, expected)
+    return dataset, metadata, folder
+
+
+def _stream_shards_missing(output_dir: Path, world_size: int, found: dict[int, dict]) -> list[int]:
+    """Streamed precompute: rank r writes shards r, r + world_size, ... in order and marks its last one. Adds
+    the finished shards to `found`; returns the next shard each unfinished rank owes."""
+    missing = []
+    for rank in range(world_size):
+        index = rank
+        while index in found and not found[index].get("last"):
+            index += world_size
+        while index not in found:
+            path = shard_dir(output_dir, index) / SHARD_SUMMARY_FILE
+            if not path.is_file():
+                missing.append(index)
+                break
+            found[index] = read_json(path)
+            if found[index].get("last"):
+                break
+            index += world_size
+    return missing
+
+
 def wait_for_shards(
-    output_dir: Path, num_shards: int, poll_s: float = 1.0, timeout_s: float | None = None
+    output_dir: Path,
+    num_shards: int | None,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+    stream_world_size: int | None = None,
 ) -> dict:
     """{index: summary} once every shard is complete (other ranks write them). Polls the filesystem instead
-    of a collective, so ranks finishing hours apart never hit a process-group timeout."""
-    start, announced = time.monotonic(), False
-    missing = [i for i in range(num_shards) if not (shard_dir(output_dir, i) / SHARD_SUMMARY_FILE).is_file()]
+    of a collective, so ranks finishing hours apart never hit a process-group timeout. A streamed precompute
+    (stream_world_size set) has no shard count up front: it ends when every rank has written its last shard."""
+    start, announced, found = time.monotonic(), False, {}
+
+    def still_missing() -> list[int]:
+        if stream_world_size:
+            return _stream_shards_missing(output_dir, stream_world_size, found)
+        return [i for i in range(num_shards) if not (shard_dir(output_dir, i) / SHARD_SUMMARY_FILE).is_file()]
+
+    missing = still_missing()
     while missing:
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(
@@ -380,12 +469,14 @@ def wait_for_shards(
             print(f"waiting for {len(missing)} shard(s) from other ranks (first: {missing[:5]})", flush=True)
             announced = True
         time.sleep(poll_s)
-        missing = [i for i in missing if not (shard_dir(output_dir, i) / SHARD_SUMMARY_FILE).is_file()]
+        missing = still_missing()
+    if stream_world_size:
+        return found
     return {i: read_json(shard_dir(output_dir, i) / SHARD_SUMMARY_FILE) for i in range(num_shards)}
 
 
-def _refusal(output_dir: Path, diffs: list[str]) -> ValueError:
-    return ValueError(
+def _refusal(output_dir: Path, diffs: list[str]) -> UserError:
+    return UserError(
         f"{output_dir} holds a cache made with different settings:\n  "
         + "\n  ".join(diffs)
         + "\nrun with the same arguments to resume it, pick another --output_dir, or pass --overwrite to rebuild it"
@@ -414,31 +505,35 @@ def check_or_start(output_dir: Path, settings: dict) -> dict | None:
     return None
 
 
-class NoUsableInputsError(RuntimeError):
-    """Every input was skipped."""
+class NoUsableInputsError(UserError, RuntimeError):
+    """Every input was skipped (the message says why and where each reason is listed)."""
 
 
 def finalize_cache(
     output_dir: Path,
     settings: dict,
-    num_shards: int,
+    num_shards: int | None,
     pad_chunk: torch.Tensor | None,
     info: dict,
     hook=None,
     timeout_s: float | None = None,
+    stream_world_size: int | None = None,
 ) -> dict:
     """Rank 0: wait for every shard, merge them, write skipped.jsonl, tag_frequencies.json, the pad chunk
-    and, last, cache_metadata.json (returned). Safe to rerun after a kill at any point."""
+    and, last, cache_metadata.json (returned). Safe to rerun after a kill at any point. A streamed
+    precompute passes num_shards None and its number of processes (see wait_for_shards)."""
     output_dir = Path(output_dir)
-    summaries = wait_for_shards(output_dir, num_shards, timeout_s=timeout_s)
+    summaries = wait_for_shards(
+        output_dir, num_shards, timeout_s=timeout_s, stream_world_size=stream_world_size
+    )
     if hook:
         hook("merge", -1)
-    ordered = [summaries[i] for i in range(num_shards)]
+    ordered = [summaries[i] for i in sorted(summaries)]
     skipped = [entry for s in ordered for entry in s["skipped"]]
     tmp = output_dir / (SKIPPED_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped), encoding="utf-8")
     os.replace(tmp, output_dir / SKIPPED_FILE)
-    rows = merge_shards(output_dir, num_shards, summaries, settings["inputs_fingerprint"])
+    rows = merge_shards(output_dir, summaries, settings["inputs_fingerprint"])
     by_kind = dict(Counter(entry["kind"] for entry in skipped).most_common())
     if rows == 0:
         kinds = ", ".join(f"{k}: {n}" for k, n in by_kind.items())
@@ -475,7 +570,7 @@ def finalize_cache(
             "upscaled": sum(s["upscaled"] for s in ordered),
             "truncated_prompts": sum(s["truncated_prompts"] for s in ordered),
             "buckets": dict(buckets.most_common()),
-            "shards": num_shards,
+            "shards": len(summaries),
         },
         # per channel, of the stored (scaled, fp16) latents; std with Bessel's correction like torch.std
         "latents_mean": stats.mean.tolist(),

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sdxl_ztsnr.export import apply_umask
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -46,15 +48,31 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int:
     return int(match.group(1))
 
 
-def remove_stale_temp_dirs(output_dir: str | Path) -> list[Path]:
-    """Delete `checkpoint-<step>.tmp` dirs left by a run killed mid-save; returns what was removed."""
+def temp_dirs(output_dir: str | Path) -> list[Path]:
+    """Unfinished `checkpoint-<step>.tmp` saves (a run killed while saving), oldest step first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    stale = sorted(p for p in output_dir.iterdir() if p.is_dir() and _TMP_NAME.match(p.name))
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _TMP_NAME.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def remove_stale_temp_dirs(output_dir: str | Path) -> list[Path]:
+    """Delete `checkpoint-<step>.tmp` dirs left by a run killed mid-save; returns what was removed."""
+    stale = temp_dirs(output_dir)
     for path in stale:
         shutil.rmtree(path)
     return stale
+
+
+def checkpoint_run_id(checkpoint_dir: str | Path) -> str | None:
+    """The run id in a checkpoint's trainer_state.json (None for an unreadable state or an older checkpoint)."""
+    try:
+        return json.loads((Path(checkpoint_dir) / TRAINER_STATE_NAME).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
@@ -83,14 +101,22 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -
     return path
 
 
-def rotate_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
-    """Before a save: delete the oldest checkpoints so that, with the new one, at most `total_limit` remain."""
+def rotate_checkpoints(
+    output_dir: str | Path, total_limit: int | None, run_id: str | None = None
+) -> list[Path]:
+    """After a save: delete the oldest checkpoints of run ``run_id`` so that at most ``total_limit`` remain.
+
+    Called once the new checkpoint is complete, so a kill or a full disk during a save never leaves fewer
+    finished checkpoints than before. With ``run_id`` only that run's checkpoints count and go.
+    """
     if total_limit is None:
         return []
     if total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1 (or unset), got {total_limit}.")
     dirs = checkpoint_dirs(output_dir)
-    removed = dirs[: max(0, len(dirs) - (total_limit - 1))]
+    if run_id is not None:
+        dirs = [p for p in dirs if checkpoint_run_id(p) == run_id]
+    removed = dirs[: max(0, len(dirs) - total_limit)]
     for path in removed:
         shutil.rmtree(path)
     return removed
@@ -140,8 +166,9 @@ def save_checkpoint_atomic(
 
     A run killed mid-save leaves only a `.tmp` dir, which resume ignores: `checkpoint-<step>` is always
     complete. All ranks write (RNG states are per rank); one process per filesystem renames, between barriers.
-    `total_limit` rotates old checkpoints first so the new one fits. trainer_state.json is flat:
-    {"version", "step", "epoch", "batch_offset", **extra_state}; `extra_state` must be JSON-serialisable.
+    Then `total_limit` rotates the oldest checkpoints of the same run (``extra_state["run_id"]``), never before
+    the new one is complete. trainer_state.json is flat: {"version", "step", "epoch", "batch_offset",
+    **extra_state}; `extra_state` must be JSON-serialisable.
     """
     if accelerator.project_configuration.automatic_checkpoint_naming:
         raise ValueError(
@@ -161,7 +188,6 @@ def save_checkpoint_atomic(
     if renamer:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(output_dir)
-        rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if renamer:
@@ -175,8 +201,10 @@ def save_checkpoint_atomic(
             os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
+        apply_umask(final)  # safetensors writes 0600 whatever the umask
         if replaced is not None:
             shutil.rmtree(replaced)
+        rotate_checkpoints(output_dir, total_limit, state.get("run_id"))
     accelerator.wait_for_everyone()
     return final
 

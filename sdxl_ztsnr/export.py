@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+import os
 import re
-from collections.abc import Iterable, Mapping
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +22,11 @@ CLIP_G_PREFIX = "conditioner.embedders.1.model."
 # model_type check in ComfyUI's supported_models.py; NoobAI-XL v-pred ships them).
 V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
+# Two tensors the original SDXL base checkpoint carries that transformers' CLIP models no longer hold:
+# open_clip's learned temperature (CLIP clamps it at ln 100 = 4.6052; 4.6055 once stored in fp16, as in
+# sd_xl_base_1.0) and CLIP-L's position_ids buffer, int64 (1, 77). Loaders ignore both; tools that re-save
+# a checkpoint copy what they find, so a file without them yields files without them.
+CLIP_G_LOGIT_SCALE = math.log(100.0)
 
 # The scheduler settings a ZTSNR v-prediction model needs at sampling time (Lin et al. 2023, sections 3.1-3.3).
 ZTSNR_SCHEDULER_SETTINGS = {
@@ -24,6 +34,24 @@ ZTSNR_SCHEDULER_SETTINGS = {
     "rescale_betas_zero_snr": True,
     "timestep_spacing": "trailing",
 }
+
+
+def _checked_latent_stats(
+    latents_mean: Sequence[float] | None, latents_std: Sequence[float] | None, channels: int
+) -> tuple[list[float], list[float]] | tuple[None, None]:
+    """Both lists as floats (one per latent channel, std > 0), or (None, None); raises on anything else."""
+    if (latents_mean is None) != (latents_std is None):
+        raise ValueError("latent stats: pass both latents_mean and latents_std, or neither.")
+    if latents_mean is None:
+        return None, None
+    if len(latents_mean) != channels or len(latents_std) != channels:
+        raise ValueError(
+            f"latent stats: latents_mean/latents_std need {channels} values (vae.config.latent_channels), "
+            f"got {len(latents_mean)} and {len(latents_std)}."
+        )
+    if min(float(s) for s in latents_std) <= 0:
+        raise ValueError(f"latent stats: latents_std must be positive, got {list(latents_std)}.")
+    return [float(m) for m in latents_mean], [float(s) for s in latents_std]
 
 
 def set_latent_stats(vae, latents_mean: list[float] | None, latents_std: list[float] | None) -> None:
@@ -35,19 +63,81 @@ def set_latent_stats(vae, latents_mean: list[float] | None, latents_std: list[fl
     normalised the same way. The pipelines view the lists as (1, 4, 1, 1), i.e. 4 latent channels.
     None for both clears them (plain `scaling_factor` scaling).
     """
-    if (latents_mean is None) != (latents_std is None):
-        raise ValueError("latent stats: pass both latents_mean and latents_std, or neither.")
-    if latents_mean is not None:
-        channels = vae.config.latent_channels
-        if len(latents_mean) != channels or len(latents_std) != channels:
-            raise ValueError(
-                f"latent stats: latents_mean/latents_std need {channels} values (vae.config.latent_channels), "
-                f"got {len(latents_mean)} and {len(latents_std)}."
-            )
-        if min(float(s) for s in latents_std) <= 0:
-            raise ValueError(f"latent stats: latents_std must be positive, got {list(latents_std)}.")
-        latents_mean, latents_std = [float(m) for m in latents_mean], [float(s) for s in latents_std]
+    latents_mean, latents_std = _checked_latent_stats(latents_mean, latents_std, vae.config.latent_channels)
     vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+
+
+def fold_latent_stats(
+    vae_state_dict: Mapping[str, torch.Tensor], latents_mean: Sequence[float], latents_std: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """AutoencoderKL weights whose 1x1 `quant_conv` / `post_quant_conv` absorb the per-channel latent affine.
+
+    With m = latents_mean, s = latents_std (the VAE-config convention of set_latent_stats, C channels), the
+    folded VAE used the plain way (`latents / scaling_factor` before decode, `z * scaling_factor` after encode)
+    does exactly what diffusers does with m and s in the config:
+      decode: post_quant_conv(n·s/sf + m) = W·diag(s)·(n/sf) + (b + W·m)  ->  W' = W·diag(s), b' = b + W·m;
+      encode: (z − m)/s for z ~ N(μ, e^logvar) is N((μ − m)/s, e^(logvar − 2 ln s)), so the first C output
+      rows of quant_conv (μ) become (W, b − m)/s and the last C (logvar) get b − 2 ln s.
+    The only inexactness is the posterior's logvar clamp to [-30, 20], applied after the shift. Computed in fp64,
+    stored in each tensor's own dtype; every other tensor is passed through unchanged.
+    """
+    out = dict(vae_state_dict)
+    weight = vae_state_dict["post_quant_conv.weight"]  # (C, C, 1, 1)
+    channels = weight.shape[0]
+    mean, std = _checked_latent_stats(latents_mean, latents_std, channels)
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+
+    w = weight.double()[:, :, 0, 0]  # (C_out, C_in)
+    out["post_quant_conv.weight"] = (w * s[None, :])[:, :, None, None].to(weight.dtype)
+    bias = vae_state_dict["post_quant_conv.bias"]
+    out["post_quant_conv.bias"] = (bias.double() + w @ m).to(bias.dtype)
+
+    weight = vae_state_dict["quant_conv.weight"]  # (2C, 2C, 1, 1): rows [0, C) -> mean, [C, 2C) -> logvar
+    bias = vae_state_dict["quant_conv.bias"]
+    w, b = weight.double().clone(), bias.double().clone()
+    w[:channels] /= s[:, None, None, None]
+    b[:channels] = (b[:channels] - m) / s
+    b[channels:] -= 2.0 * torch.log(s)
+    out["quant_conv.weight"], out["quant_conv.bias"] = w.to(weight.dtype), b.to(bias.dtype)
+    return out
+
+
+def current_umask() -> int:
+    """The process umask (from /proc on Linux: os.umask can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Give each file (every file below a directory) the mode a plain `open()` would: 0666 & ~umask.
+
+    safetensors >= 0.8 creates files 0600 whatever the umask, so a UI running as another user (a container,
+    a shared server) cannot read the model. Files with the owner's execute bit keep x (0777 & ~umask).
+    Directories and symlinks are left alone. Returns the files it set.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    umask = current_umask()
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            files += [p for p in sorted(path.rglob("*")) if p.is_file() and not p.is_symlink()]
+        elif path.is_file():
+            files.append(path)
+    for path in files:
+        executable = path.stat().st_mode & stat.S_IXUSR
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+    return files
 
 
 def save_pipeline(
@@ -61,12 +151,17 @@ def save_pipeline(
     latents_std: list[float] | None = None,
     force_zeros_for_empty_prompt: bool = True,
     ztsnr: bool = True,
+    fold_latents: bool = False,
 ) -> Path:
     """Save a StableDiffusionXLPipeline (safetensors) that samples with v-prediction + ZTSNR out of the box.
 
     `scheduler_config` builds an EulerDiscreteScheduler and must carry the three settings in
     ZTSNR_SCHEDULER_SETTINGS. `latents_mean` / `latents_std` (one float per latent channel) go into the saved
-    VAE config, see set_latent_stats; the in-memory `vae` is left as it was. None keeps what its config has.
+    VAE config, see set_latent_stats; with `fold_latents` they are folded into the saved VAE's weights
+    instead (fold_latent_stats) and the config carries none, as in save_single_file: then every diffusers
+    pipeline (inpaint, ControlNet-inpaint and T2I-Adapter SDXL read no latents_mean) and a single file loaded
+    with `config=` this directory decode alike. The in-memory `vae` is left as it was. None keeps what its
+    config has. Files get the user's umask (apply_umask).
     `force_zeros_for_empty_prompt` is SDXL's choice of all-zero embeddings for an empty negative prompt; set it
     False when the model was trained with caption dropout to the encoded empty prompt.
     `ztsnr=False` (ablations trained on SDXL's own schedule) expects rescale_betas_zero_snr False instead.
@@ -83,6 +178,12 @@ def save_pipeline(
         )
     text_encoder, text_encoder_2 = text_encoders
     tokenizer, tokenizer_2 = tokenizers
+    if fold_latents and latents_mean is not None:
+        folded = fold_latent_stats(vae.state_dict(), latents_mean, latents_std)
+        vae = copy.deepcopy(vae)  # the caller's VAE keeps its weights
+        vae.load_state_dict(folded)
+        vae.register_to_config(latents_mean=None, latents_std=None)
+        latents_mean = latents_std = None
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -102,6 +203,9 @@ def save_pipeline(
         pipeline.save_pretrained(output_dir, safe_serialization=True)
     finally:
         vae.register_to_config(latents_mean=previous[0], latents_std=previous[1])
+    written = [output_dir / "model_index.json"]
+    written += [output_dir / name for name, module in pipeline.components.items() if module is not None]
+    apply_umask(written)
     return output_dir
 
 
@@ -276,12 +380,17 @@ def _text_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def clip_l_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel -> `conditioner.embedders.0.transformer.text_model.*` (same names otherwise)."""
+    """transformers CLIPTextModel -> `conditioner.embedders.0.transformer.text_model.*` (same names otherwise),
+    plus the int64 (1, positions) `embeddings.position_ids` the original checkpoint stores."""
     out = {CLIP_L_PREFIX + k: v for k, v in _text_model_keys(state_dict).items()}
     if CLIP_L_PREFIX + "text_projection.weight" in out:
         raise ValueError(
             "CLIP-L: got a text_projection; pass the first encoder (CLIPTextModel), not encoder 2."
         )
+    positions = out[CLIP_L_PREFIX + "text_model.embeddings.position_embedding.weight"].shape[0]
+    out.setdefault(
+        CLIP_L_PREFIX + "text_model.embeddings.position_ids", torch.arange(positions, dtype=torch.int64)[None]
+    )
     return out
 
 
@@ -299,8 +408,10 @@ def clip_g_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
 
     q/k/v projections are concatenated into `attn.in_proj_weight` / `in_proj_bias` (torch MultiheadAttention)
     and the projection is stored transposed, (hidden, projection_dim), as open_clip applies `x @ text_projection`.
+    `logit_scale` (unused for conditioning) gets CLIP's final value ln 100, which the SDXL base file has.
     """
     sd = _text_model_keys(state_dict)
+    sd.pop("text_model.embeddings.position_ids", None)  # open_clip has no such buffer
     if "text_projection.weight" not in sd:
         raise ValueError("CLIP-G: no text_projection.weight; pass encoder 2 (CLIPTextModelWithProjection).")
     out = {
@@ -309,6 +420,7 @@ def clip_g_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
         "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
         "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
         "text_projection": sd.pop("text_projection.weight").t().contiguous(),
+        "logit_scale": torch.tensor(CLIP_G_LOGIT_SCALE),  # 0-dim, as open_clip stores it
     }
     for layer in _child_indices(sd, "text_model.encoder.layers."):
         src, dst = f"text_model.encoder.layers.{layer}", f"transformer.resblocks.{layer}"
@@ -361,11 +473,20 @@ def save_single_file(
     v_pred: bool = True,
     ztsnr: bool = True,
     dtype: torch.dtype | None = torch.float16,
+    latents_mean: Sequence[float] | None = None,
+    latents_std: Sequence[float] | None = None,
 ) -> Path:
-    """Write one `.safetensors` that ComfyUI / A1111 / Forge load as SDXL v-pred (+ ZTSNR); dtype=None keeps dtypes."""
+    """Write one `.safetensors` that ComfyUI / A1111 / Forge load as SDXL v-pred (+ ZTSNR); dtype=None keeps dtypes.
+
+    `latents_mean` / `latents_std` (the values save_pipeline takes; a UNet trained with --normalize_latents)
+    are folded into the VAE's quant_conv / post_quant_conv (fold_latent_stats), since no single-file consumer
+    reads latent statistics; they are also recorded in the header. The file gets the user's umask.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_single_file: {path} must end in .safetensors.")
+    if latents_mean is not None or latents_std is not None:
+        vae_state_dict = fold_latent_stats(vae_state_dict, latents_mean, latents_std)
     state_dict = original_state_dict(
         unet_state_dict, vae_state_dict, text_encoder_state_dict, text_encoder_2_state_dict, v_pred, ztsnr
     )
@@ -384,5 +505,14 @@ def save_single_file(
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
+    if latents_mean is not None:
+        metadata["latent_normalization"] = json.dumps(
+            {
+                "latents_mean": [float(m) for m in latents_mean],
+                "latents_std": [float(s) for s in latents_std],
+                "folded_into": [VAE_PREFIX + "quant_conv", VAE_PREFIX + "post_quant_conv"],
+            }
+        )
     save_file(tensors, str(path), metadata=metadata)
+    apply_umask(path)
     return path

@@ -10,9 +10,12 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 # Training leftovers that do not belong in a published repo: accelerate checkpoints (optimizer state is
-# 2-3x the weights), unfinished `.tmp` saves, and tracker logs. Patterns match paths relative to the folder;
-# a trailing "/" means "everything below".
+# 2-3x the weights), unfinished `.tmp` saves, tracker logs, the latent cache a raw-folder run builds in
+# OUTPUT_DIR/cache (arrow shards, skipped.jsonl with local paths) and the run's bookkeeping. Patterns match
+# paths relative to the folder; a trailing "/" means "everything below".
 DEFAULT_IGNORE_PATTERNS = (
+    "cache/",
+    "outputs.json",
     "checkpoint-*",
     "*/checkpoint-*",
     "checkpoints/",

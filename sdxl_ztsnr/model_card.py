@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -34,6 +35,18 @@ def public_training_config(training_config: dict) -> dict:
     return out
 
 
+def is_hub_id(name: str) -> bool:
+    """True for a Hub repo id (`owner/name`) that is not also an existing local path (e.g. `demo/model`)."""
+    return bool(_HUB_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def _local_name(path: str) -> str:
+    """How the card names a local base model: a relative path as given, an absolute one by its last part only
+    (a published card should not show the trainer's home directory)."""
+    as_path = Path(path)
+    return as_path.name if as_path.is_absolute() or path.startswith("~") else path
+
+
 def _markdown_cell(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text.replace("|", "\\|").replace("\n", " ")
@@ -53,14 +66,17 @@ def model_card(
     metrics: dict | None = None,
     license: str = DEFAULT_LICENSE,
     single_file: str | None = None,
+    normalized_latents: bool = False,
 ) -> str:
     """README.md text: Hub metadata, how to sample (ZTSNR scheduler, CFG rescale 0.7), config, metrics, images.
 
     `validation_images` are paths relative to the card's folder; `single_file` names the original-layout
-    `.safetensors` shipped beside the pipeline, if any. Credentials in `training_config` never reach the text.
+    `.safetensors` shipped beside the pipeline, if any; `normalized_latents` says the model was trained on
+    per-channel normalised latents, which its VAE carries. Credentials in `training_config` never reach the text.
     """
-    # A local base model path is no Hub id: keep it out of the metadata (the Hub rejects it) and the links.
-    on_hub = bool(_HUB_REPO_ID.match(base_model))
+    # A local base model (an existing path, or anything that is not owner/name) is no Hub id: keep it out of
+    # the metadata (the Hub would link a stranger's repo, or reject it) and the links.
+    on_hub = is_hub_id(base_model)
     card_data = ModelCardData(
         license=license,
         base_model=base_model if on_hub else None,
@@ -69,7 +85,11 @@ def model_card(
         pipeline_tag="text-to-image",
     )
     name = repo_id_or_name.rstrip("/").split("/")[-1]
-    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else "SDXL"
+    base_link = (
+        f"[{base_model}](https://huggingface.co/{base_model})"
+        if on_hub
+        else f"a local SDXL base model (`{_local_name(base_model)}`)"
+    )
     sections = [
         f"# {name}",
         f"A fine-tune of {base_link} trained with v-prediction and zero terminal SNR (the NovelAI Diffusion V3 recipe, arXiv:2409.15997; Lin et al. 2023, arXiv:2305.08891). "
@@ -99,6 +119,12 @@ def model_card(
             f"`{single_file}` holds the same weights in the original SDXL layout for ComfyUI, A1111 and Forge. "
             "It carries the `v_pred` and `ztsnr` marker tensors, so those UIs switch to v-prediction with zero "
             "terminal SNR by themselves; elsewhere pick v-prediction + ZTSNR sampling by hand."
+        )
+    if normalized_latents:
+        sections.append(
+            "It was trained on per-channel normalised latents (NovelAI Diffusion V3, appendix). Its VAE carries "
+            "that normalisation (in the VAE config, or folded into the 1x1 `quant_conv` / `post_quant_conv`, "
+            "as in the single file): keep this VAE; another SDXL VAE decodes its latents with wrong colours."
         )
     if metrics:
         sections += ["## Metrics", _table(metrics, ("metric", "value"))]

@@ -2,7 +2,8 @@
 `datasets` cache (see cache.py for the layout). Used by precompute_latents.py and by the trainer's raw-folder
 mode.
 
-Work is cut into shards of `shard_size` consecutive inputs; rank r of N takes shards r, r+N, ... . DataLoader
+Work is cut into shards of `shard_size` consecutive inputs; rank r of N takes shards r, r+N, ... (a streamed
+source has no length: each rank cuts its own part of the stream into shards, see streaming_inputs.py). DataLoader
 workers decode, bucket and crop images; the main process groups them by bucket, encodes a bucket's batch
 when it holds `vae_batch_pixels` worth of pixels (halving it on out-of-memory), and hands each finished
 shard to a writer thread (save as .tmp, then rename). Rank 0 waits for all shards and merges them. A rerun
@@ -24,7 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -33,10 +34,14 @@ from tqdm.auto import tqdm
 
 from sdxl_ztsnr import cache
 from sdxl_ztsnr.buckets import bucket_for, make_buckets, resize_to_bucket
+from sdxl_ztsnr.console import UserError, loading_model
 from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, find_images, load_image, read_caption
 from sdxl_ztsnr.latent_stats import WelfordState, welford_update
 from sdxl_ztsnr.tags import parse_tags, tag_frequencies
 from sdxl_ztsnr.text_encoding import CHUNK_LENGTH, count_chunks, empty_chunk_embeds, encode_prompts
+
+if TYPE_CHECKING:
+    from sdxl_ztsnr.streaming_inputs import StreamingInputs
 
 Hook = Callable[[str, int], None]  # (event, shard index): "shard_saved_tmp", "shard_written", "merge", ...
 
@@ -48,9 +53,13 @@ class FolderInputs:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(
+                f"--train_data_dir {self.root}: no such folder; pass the folder of images and their .txt captions"
+            )
         self.paths = find_images(self.root)
         if not self.paths:
-            raise ValueError(
+            raise UserError(
                 f"--train_data_dir {self.root}: no .png/.jpg/.jpeg/.webp images found (recursive)"
             )
 
@@ -112,22 +121,7 @@ class DatasetInputs:
         source = self.source(index)
         row = self.dataset[index]
         caption = _caption_text(row[self.caption_column], source, allow_empty)
-        value = row[self.image_column]
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        else:
-            data, path = (value, None) if isinstance(value, bytes) else (None, value)
-        if data is None and path:
-            return load_image(path, max_pixels=max_pixels), caption, source
-        if not data:
-            raise BadInputError(source, "empty file (0 bytes) or no image in the row")
-        with tempfile.NamedTemporaryFile(suffix=".img") as tmp:  # load_image's checks work on files
-            tmp.write(data)
-            tmp.flush()
-            try:
-                return load_image(tmp.name, max_pixels=max_pixels), caption, source
-            except BadInputError as e:
-                raise BadInputError(source, e.reason.replace(tmp.name, source)) from None
+        return image_from_cell(row[self.image_column], source, max_pixels), caption, source
 
     def describe(self) -> dict:
         return {
@@ -135,6 +129,25 @@ class DatasetInputs:
             "image_column": self.image_column,
             "caption_column": self.caption_column,
         }
+
+
+def image_from_cell(value, source: str, max_pixels: int) -> Image.Image:
+    """RGB image of a dataset image cell ({"bytes", "path"}, bytes or a path); raises BadInputError."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        data, path = (value, None) if isinstance(value, bytes) else (None, value)
+    if data is None and path:
+        return load_image(path, max_pixels=max_pixels)
+    if not data:
+        raise BadInputError(source, "empty file (0 bytes) or no image in the row")
+    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:  # load_image's checks work on files
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return load_image(tmp.name, max_pixels=max_pixels)
+        except BadInputError as e:
+            raise BadInputError(source, e.reason.replace(tmp.name, source)) from None
 
 
 def _caption_text(value, source: str, allow_empty: bool) -> str:
@@ -234,9 +247,13 @@ def load_vae(
     from sdxl_ztsnr.text_encoding import module_fingerprint
 
     if vae_name_or_path:
-        vae = AutoencoderKL.from_pretrained(vae_name_or_path, torch_dtype=torch.float32)
+        with loading_model(vae_name_or_path, "VAE"):
+            vae = AutoencoderKL.from_pretrained(vae_name_or_path, torch_dtype=torch.float32)
     else:
-        vae = AutoencoderKL.from_pretrained(model_name_or_path, subfolder="vae", torch_dtype=torch.float32)
+        with loading_model(model_name_or_path, "vae"):
+            vae = AutoencoderKL.from_pretrained(
+                model_name_or_path, subfolder="vae", torch_dtype=torch.float32
+            )
     if dtype == torch.float16 and vae.config.get("force_upcast", False):
         raise ValueError(
             "--vae_dtype fp16: this VAE's config sets force_upcast (SDXL's VAE overflows in fp16 and gives NaN "
@@ -414,29 +431,33 @@ class _Encoder:
             shard.rows.append(row)
 
 
-def _run_shards(
-    inputs,
-    output_dir: Path,
-    items: list[tuple[int, int]],
-    options: dict,
-    encoder: _Encoder,
-    features,
-    num_workers: int,
-    hook: Hook | None,
-    progress: bool,
-    rank: int,
-) -> Counter:
-    """Encode the (shard, input index) items, writing each shard as it completes; returns timings/counts."""
-    stats = Counter()
-    if not items:
-        return stats
-    loader = torch.utils.data.DataLoader(
+def _indexed_items(inputs, items: list[tuple[int, int]], options: dict, num_workers: int, pin: bool):
+    """Prepared inputs of the (shard, input index) items, in order, decoded by DataLoader workers."""
+    return torch.utils.data.DataLoader(
         _PrepareDataset(items, inputs, options),
         batch_size=None,  # one input per item: the main process batches by bucket
         num_workers=num_workers,
-        pin_memory=encoder.device.type == "cuda",
+        pin_memory=pin,
         prefetch_factor=4 if num_workers else None,
     )
+
+
+def _run_shards(
+    prepared,
+    total: int | None,
+    output_dir: Path,
+    encoder: _Encoder,
+    features,
+    hook: Hook | None,
+    progress: bool,
+    rank: int,
+    shard_extras: dict[int, dict],
+) -> Counter:
+    """Encode prepared items (in shard order), writing each shard as it completes; returns timings/counts.
+    shard_extras[shard] (streams) adds skipped entries and fields to a shard's summary."""
+    stats = Counter()
+    if total == 0:
+        return stats
     channels = encoder.vae.config.latent_channels
     writer = ThreadPoolExecutor(max_workers=1)  # writing shard k overlaps encoding shard k+1
     pending: tuple[int, Future] | None = None
@@ -447,7 +468,9 @@ def _run_shards(
             encoder.encode(shard, bucket)
         encoder.drain()
         shard.rows.sort(key=lambda row: row["_order"])
-        summary = shard.summary()
+        extra = shard_extras.pop(shard.index, {})
+        shard.skipped += extra.pop("skipped", [])
+        summary = {**shard.summary(), **extra}
         stats["rows"] += len(shard.rows)
         stats["skipped"] += len(shard.skipped)
         wait_written()
@@ -469,9 +492,9 @@ def _run_shards(
             pending = None
 
     shard: _ShardBuilder | None = None
-    bar = tqdm(total=len(items), desc=f"precompute (rank {rank})", unit="img", disable=not progress)
+    bar = tqdm(total=total, desc=f"precompute (rank {rank})", unit="img", disable=not progress)
     try:
-        iterator = iter(loader)
+        iterator = iter(prepared)
         while True:
             start = time.perf_counter()
             item = next(iterator, None)
@@ -483,7 +506,10 @@ def _run_shards(
                 break
             if shard is None:
                 shard = _ShardBuilder(item["shard"], channels)
+            if item.get("marker"):  # a stream's shard with no examples
+                continue
             shard.inputs += 1
+            stats["inputs"] += 1
             if item["skipped"] is not None:
                 path, reason = item["skipped"]
                 shard.skipped.append({"path": path, "reason": reason, "kind": cache.skip_kind(reason)})
@@ -505,7 +531,7 @@ def _run_shards(
 
 
 def precompute(
-    inputs: FolderInputs | DatasetInputs,
+    inputs: FolderInputs | DatasetInputs | StreamingInputs,
     output_dir: str | os.PathLike,
     vae: torch.nn.Module,
     tokenizers: Sequence | None = None,
@@ -548,7 +574,18 @@ def precompute(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     buckets = make_buckets(resolution, bucket_step, min_bucket_side, max_bucket_side)
-    sources = [inputs.source(i) for i in range(len(inputs))]
+    streamed = inputs.kind == "stream"  # no length up front: each rank reads its part of the stream
+    sources = [] if streamed else [inputs.source(i) for i in range(len(inputs))]
+    input_settings = (
+        inputs.settings(world_size)
+        if streamed
+        else {
+            "input_kind": inputs.kind,
+            **({k: v for k, v in inputs.describe().items() if k.endswith("_column")}),
+            "num_inputs": len(sources),
+            "inputs_fingerprint": _fingerprint(sources),
+        }
+    )
     text_dtype = None if text_encoders is None else str(next(text_encoders[0].parameters()).dtype)
     settings = {
         "format_version": cache.FORMAT_VERSION,
@@ -572,10 +609,7 @@ def precompute(
         "min_image_side": min_image_side,
         "max_image_pixels": max_image_pixels,
         "allow_empty_captions": allow_empty_captions,
-        "input_kind": inputs.kind,
-        **({k: v for k, v in inputs.describe().items() if k.endswith("_column")}),
-        "num_inputs": len(sources),
-        "inputs_fingerprint": _fingerprint(sources),
+        **input_settings,
         "shard_size": shard_size,
     }
     info = {"input": inputs.describe(), **(info or {})}
@@ -590,11 +624,6 @@ def precompute(
     if done is not None:
         return {"status": "already complete", "metadata": done, "run": {}}
 
-    num_shards = -(-len(sources) // shard_size)
-    finished = cache.completed_shards(output_dir)
-    todo = [s for s in range(rank, num_shards, world_size) if s not in finished]
-    cache.remove_partial_shards(output_dir, todo)
-    items = [(s, i) for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(sources)))]
     options = dict(
         buckets=buckets,
         crop=crop,
@@ -610,17 +639,36 @@ def precompute(
         embed_dim = sum(e.config.hidden_size for e in text_encoders)
         pooled_dim = text_encoders[1].config.projection_dim
     features = cache.cache_features(vae.config.latent_channels, embed_dim, pooled_dim)
-    run = _run_shards(
-        inputs, output_dir, items, options, encoder, features, num_workers, hook, progress, rank
-    )
-    run.update(
-        inputs=len(items), shards_resumed=sum(1 for s in range(rank, num_shards, world_size) if s in finished)
-    )
+    shard_extras: dict[int, dict] = {}
+    if streamed:
+        from sdxl_ztsnr.streaming_inputs import stream_items
+
+        num_shards = total = None  # known once every rank has marked its last shard
+        prepared, resumed = stream_items(
+            inputs, output_dir, rank, world_size, shard_size, options, num_workers, shard_extras
+        )
+    else:
+        num_shards = -(-len(sources) // shard_size)
+        finished = cache.completed_shards(output_dir)
+        todo = [s for s in range(rank, num_shards, world_size) if s not in finished]
+        cache.remove_partial_shards(output_dir, todo)
+        items = [(s, i) for s in todo for i in range(s * shard_size, min((s + 1) * shard_size, len(sources)))]
+        total, resumed = len(items), sum(1 for s in range(rank, num_shards, world_size) if s in finished)
+        prepared = _indexed_items(inputs, items, options, num_workers, encoder.device.type == "cuda")
+    run = _run_shards(prepared, total, output_dir, encoder, features, hook, progress, rank, shard_extras)
+    run.update(shards_resumed=resumed)
     result = {"status": "rank done", "metadata": None, "run": run}
     if rank == 0:
         pad_chunk = None if text_encoders is None else empty_chunk_embeds(tokenizers, text_encoders)
         result["metadata"] = cache.finalize_cache(
-            output_dir, settings, num_shards, pad_chunk, info, hook, merge_timeout_s
+            output_dir,
+            settings,
+            num_shards,
+            pad_chunk,
+            info,
+            hook,
+            merge_timeout_s,
+            world_size if streamed else None,
         )
         result["status"] = "complete"
     run["seconds"] = time.time() - started

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
@@ -311,7 +312,7 @@ def _scale_into_bounds(weights: torch.Tensor, min_weight: float, max_weight: flo
 
 
 def tag_loss_weights(
-    tag_lists: Sequence[Sequence[str]],
+    tag_lists: Iterable[Sequence[str]],
     frequencies: Mapping[str, int],
     class_weights: Mapping[str, float] = DEFAULT_CLASS_WEIGHTS,
     tag_classes: Mapping[str, str] | None = None,
@@ -339,8 +340,6 @@ def tag_loss_weights(
         weight = class_weights.get(cls)
         if weight is None or not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"class weight for {cls!r} must be a positive number, got {weight!r}")
-    if not tag_lists:
-        return torch.ones(0, dtype=torch.float32)
     counts = [count for count in frequencies.values() if count > 0]
     median = float(statistics.median(counts)) if counts else 1.0
 
@@ -355,11 +354,15 @@ def tag_loss_weights(
             factor_cache[tag] = (median / count) ** alpha * class_weights[cls]
         return factor_cache[tag]
 
-    raw = []
-    for tags in tag_lists:
+    def raw_weight(tags: Sequence[str]) -> float:
         distinct = list(dict.fromkeys(tags))
-        raw.append(sum(factor(t) for t in distinct) / len(distinct) if distinct else 1.0)
-    return _scale_into_bounds(torch.tensor(raw, dtype=torch.float64), min_weight, max_weight).float()
+        return sum(factor(t) for t in distinct) / len(distinct) if distinct else 1.0
+
+    # One float64 per row (an iterator of tag lists is consumed once: millions of rows stay out of RAM).
+    raw = np.fromiter((raw_weight(tags) for tags in tag_lists), dtype=np.float64)
+    if not len(raw):
+        return torch.ones(0, dtype=torch.float32)
+    return _scale_into_bounds(torch.from_numpy(raw), min_weight, max_weight).float()
 
 
 def shuffle_and_drop_tags(

@@ -31,17 +31,20 @@ def load_text_encoders(
     """(tokenizers, text_encoders) of an SDXL pipeline directory or Hub name, encoders in eval mode."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    tokenizers = [
-        CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
-        CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2"),
-    ]
-    # Loaded in fp32 so that `module_fingerprint` sees the stored weights, then cast.
-    encoders = [
-        CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=torch.float32),
-        CLIPTextModelWithProjection.from_pretrained(
-            model_dir, subfolder="text_encoder_2", dtype=torch.float32
-        ),
-    ]
+    from sdxl_ztsnr.console import loading_model
+
+    with loading_model(model_dir, "tokenizers and text encoders"):
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer"),
+            CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2"),
+        ]
+        # Loaded in fp32 so that `module_fingerprint` sees the stored weights, then cast.
+        encoders = [
+            CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=torch.float32),
+            CLIPTextModelWithProjection.from_pretrained(
+                model_dir, subfolder="text_encoder_2", dtype=torch.float32
+            ),
+        ]
     for encoder in encoders:
         encoder.requires_grad_(False).eval()
     fingerprints = [module_fingerprint(encoder) for encoder in encoders]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from sdxl_ztsnr.cache import rows_as_tensors
+from sdxl_ztsnr.keyed_random import keyed_uniform, sample_seeds
 from sdxl_ztsnr.schedule import resolution_shift
 from sdxl_ztsnr.tags import shuffle_and_drop_tags
 from sdxl_ztsnr.text_encoding import pad_prompt_embeds
@@ -17,18 +21,20 @@ from sdxl_ztsnr.training import to_device_async
 
 
 class BucketBatchSampler:
-    """Yields lists of row indices; every batch holds rows of one aspect-ratio bucket.
+    """Yields this process's share of GLOBAL batches; every global batch holds rows of one aspect-ratio bucket.
 
-    Per epoch (seeded by ``seed`` and the epoch number, so a resumed run sees the same order):
-    rows are shuffled within each bucket and cut into batches of ``batch_size``; a bucket's last
-    partial batch is filled with rows drawn again from the same bucket (nothing is dropped, every
-    batch has the same size); the batches of all buckets are shuffled together and dealt to ranks
-    round-robin, so ranks see disjoint batches and the same number of them.
+    A global batch is ``batch_size × world_size`` rows; process ``rank`` takes rows [rank·B, (rank+1)·B) of
+    each. Per epoch (seeded by ``seed`` and the epoch number, so a resumed run sees the same order) rows are
+    shuffled within each bucket and cut into global batches; a bucket's last partial batch is filled with rows
+    drawn again from the same bucket (nothing is dropped, every batch has the same size); the global batches of
+    all buckets are shuffled together. The order depends on the global batch size only: N processes × batch B
+    see exactly the batches that 1 process × batch N·B sees, and a checkpoint's position (epoch, batch) means
+    the same thing for both.
     """
 
     def __init__(
         self,
-        buckets: Sequence[tuple[int, int]],
+        buckets: Sequence[tuple[int, int]] | np.ndarray,
         batch_size: int,
         seed: int = 0,
         rank: int = 0,
@@ -38,46 +44,73 @@ class BucketBatchSampler:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.rows_by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, bucket in enumerate(buckets):
-            self.rows_by_bucket[tuple(bucket)].append(row)
-        if not self.rows_by_bucket:
+        buckets = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)  # (rows, [height, width])
+        if not len(buckets):
             raise ValueError("the training set is empty: no rows to sample batches from")
+        # Row indices per bucket as numpy arrays: 8 bytes a row, not a Python int and a list slot (12M-row scale).
+        kinds, inverse = np.unique(buckets, axis=0, return_inverse=True)
+        order = np.argsort(inverse.reshape(-1), kind="stable")
+        splits = np.cumsum(np.bincount(inverse.reshape(-1)))[:-1]
+        self.rows_by_bucket: dict[tuple[int, int], np.ndarray] = {
+            (int(h), int(w)): rows for (h, w), rows in zip(kinds, np.split(order, splits), strict=True)
+        }
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.global_batch_size = batch_size * world_size
         self.epoch = 0
         self.start_batch = 0
-        total = sum(-(-len(rows) // batch_size) for rows in self.rows_by_bucket.values())
-        if total < world_size:
-            raise ValueError(
-                f"{total} batches of {batch_size} cannot be shared by {world_size} processes: "
-                "lower --train_batch_size or add data"
-            )
-        self.batches_per_rank = total // world_size
+        self.batches_per_epoch = sum(
+            -(-len(rows) // self.global_batch_size) for rows in self.rows_by_bucket.values()
+        )
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    @property
+    def positions(self) -> list[int]:
+        """This process's positions in every global batch (keys of the per-sample random draws)."""
+        return list(range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order; ``start_batch`` skips batches already trained (resume)."""
+        """Select the epoch's order; ``start_batch`` skips global batches already trained (resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches for ``epoch``, in order."""
-        rng = random.Random(f"{self.seed}-{epoch}")
-        batches: list[list[int]] = []
+    def _epoch_array(self, epoch: int) -> np.ndarray:
+        """(batches, global batch) row indices of ``epoch``, in order; one array, not a list per batch."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng(int.from_bytes(f"{self.seed}-{epoch}".encode(), "little"))
+        size = self.global_batch_size
+        parts = []
         for bucket in sorted(self.rows_by_bucket):
-            rows = self.rows_by_bucket[bucket][:]
-            rng.shuffle(rows)
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                while len(batch) < self.batch_size:  # refill from the same bucket, rows not yet in it first
-                    batch.append(rows[(len(batch) - len(rows[start:])) % len(rows)])
-                batches.append(batch)
-        rng.shuffle(batches)
-        return batches[self.rank :: self.world_size][: self.batches_per_rank]
+            rows = rng.permutation(self.rows_by_bucket[bucket])
+            refill = (-len(rows)) % size  # the last partial batch takes rows of the same bucket again
+            parts.append(np.concatenate([rows, rows[np.arange(refill) % len(rows)]]).reshape(-1, size))
+        batches = np.concatenate(parts)[rng.permutation(self.batches_per_epoch)]
+        self._cached = (epoch, batches)
+        return batches
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every global batch of ``epoch`` (row indices into ``buckets``), in order."""
+        return self._epoch_array(epoch).tolist()
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's slice of each global batch of ``epoch``, in order."""
+        first = self.rank * self.batch_size
+        return self._epoch_array(epoch)[:, first : first + self.batch_size].tolist()
 
     def __iter__(self):
-        yield from self.epoch_batches(self.epoch)[self.start_batch :]
+        first = self.rank * self.batch_size
+        for batch in self._epoch_array(self.epoch)[self.start_batch :, first : first + self.batch_size]:
+            yield batch.tolist()
 
     def __len__(self) -> int:
-        return self.batches_per_rank - self.start_batch
+        return self.batches_per_epoch - self.start_batch
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream stands: the next global batch to read is ``batch`` of ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
 
 
 def time_ids(
@@ -119,7 +152,7 @@ class _BatchReader(torch.utils.data.Dataset):
         return len(self.row_ids)
 
     def __getitem__(self, positions: list[int]) -> dict:
-        rows_ids = [self.row_ids[p] for p in positions]
+        rows_ids = [int(self.row_ids[p]) for p in positions]
         rows = rows_as_tensors(self.dataset, rows_ids)
         batch = {
             "latents": torch.stack([r["latents"] for r in rows]).float(),  # (B, 4, h, w)
@@ -148,8 +181,8 @@ class TrainingRows:
 
     dataset: object  # datasets.Dataset of the cache
     metadata: dict
-    train_ids: list[int]
-    validation_ids: list[int]
+    train_ids: np.ndarray  # (rows,) int64, from split_rows
+    validation_ids: np.ndarray
     sample_weights: torch.Tensor  # (rows,) fp32 tag-based loss weights, mean 1 over the training rows
     pad_chunk: torch.Tensor | None = None
     latents_mean: torch.Tensor | None = None  # (C,) set when latents are normalised
@@ -159,44 +192,56 @@ class TrainingRows:
     keep_tokens: int = 0
     tag_dropout: float = 0.0
     num_workers: int = 0
-    buckets: list[tuple[int, int]] = field(default_factory=list)
+    buckets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))  # (rows, 2) [h, w]
     _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.buckets = [tuple(b) for b in self.dataset.with_format("arrow")["bucket"].to_pylist()]
+        column = self.dataset.with_format("arrow")["bucket"]
+        self.buckets = pc.list_flatten(column).to_numpy().reshape(-1, 2)
+        self.train_ids = np.asarray(self.train_ids, dtype=np.int64)
+        self.validation_ids = np.asarray(self.validation_ids, dtype=np.int64)
 
     @property
-    def train_buckets(self) -> list[tuple[int, int]]:
-        return [self.buckets[i] for i in self.train_ids]
+    def train_buckets(self) -> np.ndarray:
+        """(training rows, 2) [height, width] of each training row's bucket."""
+        return self.buckets[self.train_ids]
 
     @property
     def validation_size(self) -> tuple[int, int]:
         """The most common training bucket (height, width): the size validation images are sampled at."""
-        return Counter(self.train_buckets).most_common(1)[0][0]
+        kinds, counts = np.unique(self.train_buckets, axis=0, return_counts=True)
+        height, width = kinds[np.argmax(counts)]
+        return int(height), int(width)
 
-    def _finish(
-        self, batch: dict, device: torch.device, generator: torch.Generator | None, train: bool
-    ) -> dict:
-        """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``."""
+    def _finish(self, batch: dict, device: torch.device, keys: tuple[int, int, list[int]] | None) -> dict:
+        """Text (cached or encoded now), caption dropout, latent normalisation; moves tensors to ``device``.
+
+        ``keys`` = (seed, global micro-batch, positions in the global batch) for a training batch: every random
+        choice for a sample (tag shuffle and dropout, caption dropout, timestep and noise) is keyed by them.
+        None for held-out batches: captions unchanged, no dropout, no seeds.
+        """
         if self.encode is not None:
-            rng = random.Random(int(torch.randint(2**31, (1,), generator=generator)) if train else 0)
-            prompts = [
-                ", ".join(
-                    shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout if train else 0.0, rng)
-                )
-                if train
-                else ", ".join(tags)
-                for tags in batch["tags"]
-            ]
+            if keys is not None:
+                seeds = sample_seeds(*keys, "tags")
+                prompts = [
+                    ", ".join(
+                        shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout, random.Random(seed))
+                    )
+                    for tags, seed in zip(batch["tags"], seeds, strict=True)
+                ]
+            else:
+                prompts = [", ".join(tags) for tags in batch["tags"]]
             batch["prompt_embeds"], batch["pooled_prompt_embeds"] = self.encode(prompts)
         out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         out["target_size"] = batch["target_size"]  # stays on the CPU: timestep_shift reads it without a sync
         out["prompt_embeds"] = out["prompt_embeds"].float()
         out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].float()
-        if train and self.caption_dropout > 0:
+        if keys is not None:
+            out["noise_seeds"] = sample_seeds(*keys, "noise")
+        if keys is not None and self.caption_dropout > 0:
             # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
             # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
-            keep = (torch.rand(len(out["latents"]), generator=generator) >= self.caption_dropout).float()
+            keep = (keyed_uniform(sample_seeds(*keys, "caption")) >= self.caption_dropout).float()
             keep = to_device_async(keep, device)
             out["prompt_embeds"] = out["prompt_embeds"] * keep.view(-1, 1, 1)
             out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"] * keep.view(-1, 1)
@@ -205,13 +250,20 @@ class TrainingRows:
             out["latents"] = normalize_latents(out["latents"], mean, std)
         return out
 
-    def loader(
-        self, sampler: BucketBatchSampler, device: torch.device, generator: torch.Generator | None = None
-    ):
-        """Training batches in the sampler's order, read by DataLoader workers, finished on the main process.
+    def stream(
+        self,
+        sampler: BucketBatchSampler,
+        device: torch.device,
+        seed: int,
+        start: DataPosition = DataPosition(),
+        first_micro_batch: int = 0,
+    ) -> Iterator[tuple[DataPosition, dict]]:
+        """Training batches without end, epoch after epoch: (position after this batch, batch).
 
-        One DataLoader serves every epoch (the sampler reads its epoch when iterated): its workers are
-        started once, not forked again each epoch (a fork costs the training process copy-on-write faults).
+        Read by DataLoader workers, finished on the main process. Gradient accumulation cycles run across epoch
+        ends, so ``max_train_steps`` is always reached exactly. Batch number k of the stream is global
+        micro-batch ``first_micro_batch + k``, the key of its samples' random draws. One DataLoader serves every
+        epoch (the sampler reads its epoch when iterated): its workers start once, not once per epoch.
         """
         if (
             self._loader is None
@@ -227,22 +279,27 @@ class TrainingRows:
                 pin_memory=device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
             )
-        for batch in self._loader:
-            yield self._finish(batch, device, generator, train=True)
+        epoch, offset, micro_batch = start.epoch, start.batch, first_micro_batch
+        positions = sampler.positions
+        while True:
+            sampler.set_epoch(epoch, offset)
+            for index, batch in enumerate(self._loader, start=offset):
+                finished = self._finish(batch, device, (seed, micro_batch, positions))
+                micro_batch += 1
+                yield DataPosition(epoch, index + 1), finished
+            epoch, offset = epoch + 1, 0
 
     def validation_batches(self, device: torch.device, batch_size: int = 8) -> list[dict]:
         """Held-out rows grouped by bucket into batches (no dropout, captions unchanged)."""
         reader = _BatchReader(self.dataset, self.validation_ids, self.pad_chunk, self.sample_weights)
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         for position, row in enumerate(self.validation_ids):
-            by_bucket[self.buckets[row]].append(position)
+            by_bucket[tuple(self.buckets[row].tolist())].append(position)
         batches = []
         for bucket in sorted(by_bucket):
             positions = by_bucket[bucket]
             for start in range(0, len(positions), batch_size):
-                batches.append(
-                    self._finish(reader[positions[start : start + batch_size]], device, None, False)
-                )
+                batches.append(self._finish(reader[positions[start : start + batch_size]], device, None))
         return batches
 
     def timestep_shift(self, batch: dict) -> float:
@@ -251,9 +308,43 @@ class TrainingRows:
         return resolution_shift(height, width)
 
 
-def split_rows(num_rows: int, validation_rows: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training row ids, held-out row ids): at most a tenth of the rows is held out, chosen by seed."""
-    held = min(validation_rows, num_rows // 10)
-    held_out = sorted(random.Random(seed).sample(range(num_rows), held))
-    held_set = set(held_out)
-    return [i for i in range(num_rows) if i not in held_set], held_out
+def split_rows(
+    sources: Sequence[str] | pa.Array | pa.ChunkedArray, validation_rows: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training row ids, held-out row ids) as int64 arrays, held out by SOURCE IMAGE: all rows of an image (its
+    crops, its mirrored copy) are on the same side, so the validation loss is never measured on a trained image.
+
+    Whole images are drawn (by seed) until ``validation_rows`` rows are held out; at most a tenth of the rows.
+    Works on the arrow column as it is (dictionary-encoded: 4 bytes a row, no Python string per row).
+    """
+    column = sources if isinstance(sources, (pa.Array, pa.ChunkedArray)) else pa.array(sources, pa.string())
+    num_rows = len(column)
+    limit = min(validation_rows, num_rows // 10)
+    if limit == 0:
+        return np.arange(num_rows, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    encoded = pc.dictionary_encode(column)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    dictionary = chunks[0].dictionary if chunks else pa.array([], pa.string())
+    # chunks of a ChunkedArray share one dictionary after unify_dictionaries
+    if len(chunks) > 1:
+        encoded = encoded.unify_dictionaries()
+        chunks, dictionary = encoded.chunks, encoded.chunks[0].dictionary
+    image_of_row = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+    # An image has at least one row, so `limit` images are enough candidates; draw them without a full shuffle.
+    candidates = random.Random(seed).sample(range(len(dictionary)), min(len(dictionary), limit))
+    rows_of = np.bincount(image_of_row, minlength=len(dictionary))
+    chosen, held = [], 0
+    for image in candidates:
+        if held + rows_of[image] <= limit:
+            chosen.append(image)
+            held += int(rows_of[image])
+    is_held = np.isin(image_of_row, np.asarray(chosen, dtype=np.int64))
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def iter_training_tags(dataset, train_ids: np.ndarray, chunk_rows: int = 65536) -> Iterator[list[str]]:
+    """The tag lists of the training rows, in ``train_ids`` order, read from arrow a chunk at a time (RAM stays
+    flat at millions of rows; a list of every row's tags as Python strings would not)."""
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(train_ids), chunk_rows):
+        yield from arrow[train_ids[start : start + chunk_rows].tolist()]["tags"].to_pylist()

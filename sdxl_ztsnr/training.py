@@ -6,8 +6,9 @@ from typing import Literal
 
 import torch
 
+from sdxl_ztsnr.keyed_random import keyed_timesteps_and_noise
 from sdxl_ztsnr.losses import PredictionType, noise_batch, weighted_loss
-from sdxl_ztsnr.schedule import LossWeighting, sample_timesteps
+from sdxl_ztsnr.schedule import LossWeighting, sample_timesteps, shift_timesteps
 
 OptimizerName = Literal["adamw", "adamw8bit"]
 
@@ -58,10 +59,18 @@ def training_loss(
     """Noise a batch, run the UNet, return (weighted scalar loss, per-sample MSE (B,)).
 
     ``batch`` holds latents (B, 4, h, w), prompt_embeds, pooled_prompt_embeds, time_ids and
-    optionally sample_weights (B,) — the tag-based loss weights. Timesteps and noise are drawn from
-    ``generator`` on the CPU unless given, so a run is reproducible on any device.
+    optionally sample_weights (B,) — the tag-based loss weights — and noise_seeds (B ints, see
+    ``sdxl_ztsnr.keyed_random``): each sample's timestep and noise then come from its own seed, so the result
+    does not depend on how a global batch is split across processes. Without seeds they are drawn from
+    ``generator``. Either way on the CPU unless given, so a run is reproducible on any device.
     """
     latents = batch["latents"]
+    seeds = batch.get("noise_seeds")
+    if seeds is not None and (timesteps is None or noise is None):
+        drawn_timesteps, drawn_noise = keyed_timesteps_and_noise(seeds, latents.shape[1:], len(alpha_bar))
+        if timesteps is None:
+            timesteps = shift_timesteps(drawn_timesteps, alpha_bar, timestep_shift)
+        noise = drawn_noise if noise is None else noise
     if timesteps is None:
         timesteps = sample_timesteps(len(latents), alpha_bar, timestep_shift, generator)
     if noise is None:

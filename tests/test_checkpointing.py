@@ -99,11 +99,7 @@ def test_resolve_resume_paths_and_errors(tmp_path):
     assert resolve_resume(tmp_path, str(tmp_path / "checkpoint-9")) == tmp_path / "checkpoint-9"
     with pytest.raises(FileNotFoundError, match="checkpoint-30.*checkpoint-100"):
         resolve_resume(tmp_path, "checkpoint-30")
-    assert [p.name for p in rotate_checkpoints(tmp_path, 1)] == [
-        "checkpoint-9",
-        "checkpoint-20",
-        "checkpoint-100",
-    ]
+    assert [p.name for p in rotate_checkpoints(tmp_path, 1)] == ["checkpoint-9", "checkpoint-20"]
     with pytest.raises(ValueError, match="checkpoints_total_limit"):
         rotate_checkpoints(tmp_path, 0)
 

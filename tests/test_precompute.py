@@ -447,3 +447,61 @@ def test_fp16_refused_for_a_vae_that_forces_upcast(tiny_sdxl):
     with pytest.raises(ValueError, match="force_upcast"):
         precompute.load_vae(str(tiny_sdxl), torch.float16)
     assert precompute.load_vae(str(tiny_sdxl), torch.bfloat16).dtype == torch.bfloat16
+
+
+def _memory_mapped(dataset) -> bool:
+    """Every block of the dataset's table is a memory-mapped arrow file (nothing read into RAM)."""
+    from datasets.table import ConcatenationTable, MemoryMappedTable
+
+    table = dataset.data
+    blocks = [b for row in table.blocks for b in row] if isinstance(table, ConcatenationTable) else [table]
+    return all(isinstance(b, MemoryMappedTable) for b in blocks)
+
+
+def test_open_cache_local_staged_and_hub_id(demo_cache, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    local, local_metadata, side = cache.open_cache(demo_cache[0])
+    assert side == demo_cache[0] and _memory_mapped(local)
+    # A folder laid out for the Hub (parquet): converted to arrow once, then memory-mapped like a local cache.
+    staged = tmp_path / "staged"
+    cache.stage_for_hub(demo_cache[0], staged)
+    dataset, metadata, side = cache.open_cache(staged, expected={"resolution": 128})
+    assert side == staged and metadata == local_metadata
+    assert _memory_mapped(dataset)
+    assert all(Path(f["filename"]).is_relative_to(tmp_path / "hf_datasets") for f in dataset.cache_files)
+    got = cache.rows_as_tensors(dataset, range(len(dataset)))
+    want = cache.rows_as_tensors(local, range(len(local)))
+    assert [r["source"] for r in got] == [r["source"] for r in want]
+    assert all(torch.equal(g["prompt_embeds"], w["prompt_embeds"]) for g, w in zip(got, want, strict=True))
+    assert torch.equal(cache.load_pad_chunk(side), cache.load_pad_chunk(demo_cache[0]))
+    assert load_tag_frequencies(side / cache.TAG_FREQUENCIES_FILE) == load_tag_frequencies(
+        demo_cache[0] / cache.TAG_FREQUENCIES_FILE
+    )
+    with pytest.raises(ValueError, match="max_token_chunks: cache has 3, expected 2"):
+        cache.open_cache(staged, expected={"max_token_chunks": 2})
+    # A Hub dataset id: fetched with snapshot_download (mocked: no network in tests), then opened the same way.
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(staged)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    dataset, metadata, side = cache.open_cache("user/sdxl-cache", revision="v1", token="hf_x")
+    assert side == staged and len(dataset) == len(local) and metadata == local_metadata
+    repo_id, kwargs = calls[0]
+    assert repo_id == "user/sdxl-cache" and kwargs["repo_type"] == "dataset"
+    assert kwargs["revision"] == "v1" and kwargs["token"] == "hf_x"
+    assert "data/*.parquet" in kwargs["allow_patterns"] and cache.SKIPPED_FILE not in kwargs["allow_patterns"]
+
+
+def test_open_cache_missing_id_offline_is_one_clear_line(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"nobody-here/no-such-cache: no local directory.*Hub"
+    ) as error:
+        cache.open_cache("nobody-here/no-such-cache")  # tests run with HF_HUB_OFFLINE=1
+    assert "\n" not in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="no such directory, and not a Hub dataset id"):
+        cache.open_cache(str(tmp_path / "not" / "there"))

@@ -1,99 +1,50 @@
 """train_sdxl_ztsnr.py end to end on the tiny model: precompute → train → checkpoint → resume → load."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import precompute_latents
 import train_sdxl_ztsnr
+from sdxl_ztsnr.export import fold_latent_stats
 from sdxl_ztsnr.tiny import build_tiny_sdxl
-
-COMMON = [
-    "--train_batch_size",
-    "2",
-    "--learning_rate",
-    "1e-3",
-    "--logging_steps",
-    "1",
-    "--checkpointing_steps",
-    "2",
-    "--validation_steps",
-    "0",
-    "--dataloader_num_workers",
-    "0",
-    "--report_to",
-    "tensorboard",
-    "--seed",
-    "7",
-]
-
-
-def trainer_args(model, output_dir, *extra: str):
-    """Parsed trainer arguments for the tiny model; ``extra`` comes after COMMON, so it can override it."""
-    return train_sdxl_ztsnr.parse_args(
-        ["--pretrained_model_name_or_path", str(model), "--output_dir", str(output_dir), *COMMON, *extra]
-    )
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each main() builds its own Accelerator, as a new process would; accelerate's state is a singleton."""
+def _fresh_state(fresh_accelerate_state):
+    yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(train_cache):
+    return train_cache
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_sdxl, cache_dir, trainer_args, tmp_path_factory):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tiny_sdxl, demo_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-cache") / "cache"
-    precompute_latents.main(
-        precompute_latents.parse_args(
-            [
-                "--train_data_dir",
-                str(demo_data),
-                "--pretrained_model_name_or_path",
-                str(tiny_sdxl),
-                "--output_dir",
-                str(out),
-                "--resolution",
-                "128",
-                "--bucket_step",
-                "32",
-                "--no_progress",
-            ]
-        )
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_sdxl, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-a")
-    args = train_sdxl_ztsnr.parse_args(
-        [
-            "--model_path",
-            str(tiny_sdxl),
-            "--precomputed_dir",
-            str(cache_dir),
-            "--output_dir",
-            str(out),
-            "--max_train_steps",
-            "4",
-            "--validation_prompt",
-            "solid black",
-            "--validation_inference_steps",
-            "2",
-            "--num_validation_images",
-            "1",
-            *COMMON,
-        ]
+    args = trainer_args(
+        tiny_sdxl,
+        out,
+        "--precomputed_dir",
+        str(cache_dir),
+        "--max_train_steps",
+        "4",
+        "--validation_prompt",
+        "solid black",
+        "--validation_inference_steps",
+        "2",
+        "--num_validation_images",
+        "1",
     )
     result = train_sdxl_ztsnr.main(args)
+    AcceleratorState._reset_state(reset_partial_state=True)
     return out, result
 
 
@@ -138,7 +89,7 @@ def test_training_writes_a_pipeline_that_samples_with_ztsnr(finished_run, tiny_s
     assert list((out / "logs").rglob("events.out.tfevents.*")), "nothing was logged to tensorboard"
 
 
-def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_sdxl, cache_dir, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_sdxl, cache_dir, trainer_args, tmp_path):
     import shutil
 
     out_a, _ = finished_run
@@ -164,7 +115,7 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, tiny_sdxl, cache_dir
     assert result["val_loss"] == pytest.approx(finished_run[1]["val_loss"], abs=1e-6)
 
 
-def test_cache_for_another_model_is_refused(cache_dir, tmp_path):
+def test_cache_for_another_model_is_refused(cache_dir, trainer_args, tmp_path):
     other = build_tiny_sdxl(tmp_path / "other-model", seed=1)
     args = trainer_args(
         other,
@@ -180,7 +131,7 @@ def test_cache_for_another_model_is_refused(cache_dir, tmp_path):
     assert not (tmp_path / "out" / "unet").exists()
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl, cache_dir, tmp_path):
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_sdxl, cache_dir, trainer_args, tmp_path):
     # An absurd learning rate blows the weights up after one step; every later step is non-finite.
     args = trainer_args(
         tiny_sdxl,
@@ -278,14 +229,21 @@ def test_flags_of_stages_not_built_stop_at_once(flag, capsys):
     assert "train_vae.py" in capsys.readouterr().err
 
 
-def test_tag_dropout_without_online_text_is_explained(capsys):
-    with pytest.raises(SystemExit):
-        train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--tag_dropout", "0.2"])
-    assert "--text_online" in capsys.readouterr().err
+def test_tag_dropout_without_online_text_switches_to_online_encoding():
+    args = train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--tag_dropout", "0.2"])
+    assert args.text_online and args.text_online_implied
+    args = train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--keep_tokens", "1"])
+    assert args.text_online and args.text_online_implied
+    args = train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d"])
+    assert not args.text_online
 
 
-def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, tmp_path):
-    # A raw folder: the trainer precomputes it (no embeddings stored) and encodes captions every step.
+def test_text_online_with_tag_dropout_and_caption_dropout(
+    tiny_sdxl, demo_data, trainer_args, tmp_path, caplog
+):
+    # The seed's tag-weighting command: --tag_dropout without --text_online. A raw folder: the trainer
+    # precomputes it (no embeddings stored) and encodes captions every step, saying so in one line.
+    caplog.set_level(logging.INFO, logger="train_sdxl_ztsnr")
     args = trainer_args(
         tiny_sdxl,
         tmp_path,
@@ -295,7 +253,6 @@ def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, 
         "128",
         "--bucket_step",
         "32",
-        "--text_online",
         "--keep_tokens",
         "1",
         "--tag_dropout",
@@ -309,11 +266,21 @@ def test_text_online_with_tag_dropout_and_caption_dropout(tiny_sdxl, demo_data, 
     )
     result = train_sdxl_ztsnr.main(args)
     assert result["step"] == 2 and result["skipped_steps"] == 0
+    switched = [r for r in caplog.records if "encoding them online" in r.getMessage()]
+    assert len(switched) == 1
     metadata = json.loads((tmp_path / "cache" / "cache_metadata.json").read_text())
     assert metadata["settings"]["text_online"] is True
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    # --normalize_latents: the cache's per-channel statistics travel with the model, in its VAE config
+    # --normalize_latents: the cache's per-channel statistics travel with the model, folded exactly into the
+    # VAE's 1×1 quant_conv / post_quant_conv, so consumers that ignore latents_mean/std decode it right too.
     vae_config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert vae_config.get("latents_mean") is None and vae_config.get("latents_std") is None
     scaling = vae_config["scaling_factor"]
-    assert vae_config["latents_std"] == pytest.approx(metadata["latents_std"])
-    assert vae_config["latents_mean"] == pytest.approx([m / scaling for m in metadata["latents_mean"]])
+    base_vae = load_file(str(tiny_sdxl / "vae" / "diffusion_pytorch_model.safetensors"))
+    expected = fold_latent_stats(
+        base_vae, [m / scaling for m in metadata["latents_mean"]], metadata["latents_std"]
+    )
+    saved = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    for key in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias"):
+        torch.testing.assert_close(saved[key], expected[key])
+        assert not torch.equal(saved[key], base_vae[key]), key

@@ -1,11 +1,21 @@
-"""Bucket batch sampler: one bucket per batch, deterministic by seed, disjoint across ranks, resumable."""
+"""Bucket batch sampler: one bucket per global batch, deterministic by seed, split across ranks, resumable;
+held-out rows by source image; per-sample random draws keyed by identity, not by rank."""
 
 import random
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from sdxl_ztsnr.train_data import BucketBatchSampler, normalize_latents, time_ids, vae_config_latent_stats
+from sdxl_ztsnr.keyed_random import keyed_timesteps_and_noise, sample_seeds
+from sdxl_ztsnr.train_data import (
+    BucketBatchSampler,
+    normalize_latents,
+    split_rows,
+    time_ids,
+    vae_config_latent_stats,
+)
 
 
 def random_buckets(n=97, seed=0):
@@ -36,15 +46,17 @@ def test_order_is_deterministic_by_seed_and_changes_with_epoch():
     assert list(a) != list(c)
 
 
-def test_ranks_get_disjoint_batches_of_equal_count():
+def test_ranks_split_each_global_batch_as_one_process_with_the_whole_batch_sees_it():
     buckets = random_buckets(200)
     ranks = [BucketBatchSampler(buckets, 4, seed=0, rank=r, world_size=3) for r in range(3)]
     batches = [list(s) for s in ranks]
     assert len({len(b) for b in batches}) == 1
-    flat = [tuple(batch) for rank in batches for batch in rank]
-    assert len(flat) == len(set(flat))
-    single = BucketBatchSampler(buckets, 4, seed=0)
-    assert set(flat) <= {tuple(b) for b in single}
+    single = list(BucketBatchSampler(buckets, 12, seed=0))
+    # step k of 3 processes × 4 rows is exactly step k of 1 process × 12 rows, in the same order
+    assert [sum((rank[k] for rank in batches), []) for k in range(len(single))] == single
+    assert [r.positions for r in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for step in zip(*batches, strict=True):
+        assert len({buckets[i] for batch in step for i in batch}) == 1  # one bucket per global batch
 
 
 def test_resume_skips_the_batches_already_trained():
@@ -61,8 +73,36 @@ def test_bad_arguments_are_explained():
         BucketBatchSampler([], 4)
     with pytest.raises(ValueError, match="batch_size"):
         BucketBatchSampler([(64, 64)], 0)
-    with pytest.raises(ValueError, match="processes"):
-        BucketBatchSampler([(64, 64)] * 4, 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        BucketBatchSampler([(64, 64)] * 4, 4, rank=2, world_size=2)
+
+
+def test_held_out_rows_are_whole_source_images():
+    # 40 images, each stored twice (a mirrored copy, as --random_flip writes), rows interleaved
+    sources = [f"img{i % 40}.png" for i in range(80)]
+    train, held = split_rows(sources, validation_rows=7, seed=3)
+    assert sorted(train.tolist() + held.tolist()) == list(range(80))
+    held_sources = {sources[i] for i in held}
+    assert not held_sources & {sources[i] for i in train}, "a held-out image is also trained on"
+    assert len(held) == 6  # three whole images; a fourth would pass the 7 rows asked for
+    again = split_rows(pa.chunked_array([sources[:50], sources[50:]]), 7, seed=3)  # the arrow column as read
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], held)
+    assert not np.array_equal(split_rows(sources, 7, seed=4)[1], held)
+    assert len(split_rows(sources[:9], 16, seed=0)[1]) == 0  # at most a tenth of the rows
+
+
+def test_keyed_draws_depend_on_identity_not_on_rank_split():
+    seeds_whole = sample_seeds(7, micro_batch=3, positions=range(6), stream="noise")
+    seeds_split = [sample_seeds(7, 3, range(r * 3, r * 3 + 3), "noise") for r in range(2)]
+    assert seeds_split[0] + seeds_split[1] == seeds_whole
+    t_whole, n_whole = keyed_timesteps_and_noise(seeds_whole, (4, 8, 8), 1000)
+    parts = [keyed_timesteps_and_noise(s, (4, 8, 8), 1000) for s in seeds_split]
+    assert torch.equal(torch.cat([p[0] for p in parts]), t_whole)
+    assert torch.equal(torch.cat([p[1] for p in parts]), n_whole)
+    assert len(set(seeds_whole)) == 6
+    assert sample_seeds(7, 4, range(6), "noise") != seeds_whole  # the next micro-batch draws anew
+    assert sample_seeds(7, 3, range(6), "caption") != seeds_whole  # streams are independent
+    assert t_whole.min() >= 0 and t_whole.max() < 1000
 
 
 def test_time_ids_are_height_first_and_latent_stats_round_trip():
