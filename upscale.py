@@ -11,7 +11,6 @@ An alpha channel is upscaled on its own and kept (RGBA out).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from sdxl_ztsnr.sample import torch_dtype
 from sdxl_ztsnr.sampling import (
     A1111_SAMPLER_NAMES,
     SAMPLERS,
-    SamplingInputError,
+    UserError,
     a1111_parameters,
     load_pipeline,
     save_png,
@@ -92,52 +91,47 @@ def read_image(path: Path) -> Image.Image:
             image.load()
             return image.copy()
     except FileNotFoundError:
-        raise SamplingInputError(f"--image {path}: no such file") from None
+        raise UserError(f"--image {path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise SamplingInputError(f"--image {path}: not a readable image ({error})") from None
+        raise UserError(f"--image {path}: not a readable image ({error})") from None
 
 
 def main(args: argparse.Namespace) -> Path:
-    try:
-        if args.out.suffix.lower() not in OUTPUT_FORMATS:
-            raise SamplingInputError(f"--out {args.out}: use a .png, .webp or .jpg name")
-        image = read_image(args.image)
-        if OUTPUT_FORMATS[args.out.suffix.lower()] == "JPEG" and split_alpha(image)[1] is not None:
-            raise SamplingInputError(
-                f"--out {args.out}: JPEG cannot keep the alpha channel; use .png or .webp"
-            )
-        upscaler = load_upscaler(args.upscaler_model) if args.upscaler_model else None
-        pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
-        result = upscale(
-            pipeline,
-            image,
-            scale=args.scale,
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            denoise_strength=args.denoise,
-            num_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            guidance_rescale=args.guidance_rescale,
-            sampler=args.sampler,
-            seed=args.seed,
-            tiles=TileOptions(args.tile_size, args.padding, args.mask_blur, args.redraw),
-            seams=SeamsFixOptions(
-                args.seams_fix,
-                args.seams_fix_denoise,
-                args.seams_fix_width,
-                args.seams_fix_padding,
-                args.seams_fix_mask_blur,
-            ),  # fmt: skip
-            tile_batch=args.tile_batch,
-            color_fix_mode=args.color_fix,
-            upscaler=upscaler,
-            vae_tile_size=args.vae_tile_size or None,
-            sigma_max=args.sigma_max,
-            emphasis=not args.no_emphasis,
-            progress=True,
-        )
-    except SamplingInputError as error:
-        raise SystemExit(f"error: {error}") from None
+    if args.out.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--out {args.out}: use a .png, .webp or .jpg name")
+    image = read_image(args.image)
+    if OUTPUT_FORMATS[args.out.suffix.lower()] == "JPEG" and split_alpha(image)[1] is not None:
+        raise UserError(f"--out {args.out}: JPEG cannot keep the alpha channel; use .png or .webp")
+    upscaler = load_upscaler(args.upscaler_model) if args.upscaler_model else None
+    pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
+    result = upscale(
+        pipeline,
+        image,
+        scale=args.scale,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        denoise_strength=args.denoise,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        sampler=args.sampler,
+        seed=args.seed,
+        tiles=TileOptions(args.tile_size, args.padding, args.mask_blur, args.redraw),
+        seams=SeamsFixOptions(
+            args.seams_fix,
+            args.seams_fix_denoise,
+            args.seams_fix_width,
+            args.seams_fix_padding,
+            args.seams_fix_mask_blur,
+        ),  # fmt: skip
+        tile_batch=args.tile_batch,
+        color_fix_mode=args.color_fix,
+        upscaler=upscaler,
+        vae_tile_size=args.vae_tile_size or None,
+        sigma_max=args.sigma_max,
+        emphasis=not args.no_emphasis,
+        progress=True,
+    )
     settings = {
         "Steps": args.steps,
         "Sampler": A1111_SAMPLER_NAMES[args.sampler],
@@ -168,4 +162,6 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

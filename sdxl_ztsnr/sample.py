@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from sdxl_ztsnr.sampling import (
     A1111_SAMPLER_NAMES,
     SAMPLERS,
-    SamplingInputError,
+    UserError,
     a1111_parameters,
     generate,
     load_pipeline,
@@ -81,11 +80,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot work, with one line naming the flag."""
     for flag in ("num_images", "batch_size", "steps", "width", "height", "base_resolution"):
         if getattr(args, flag) < 1:
-            raise SamplingInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
-        raise SamplingInputError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
+        raise UserError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.out.exists() and not args.out.is_dir():
-        raise SamplingInputError(f"--out {args.out}: exists and is not a directory")
+        raise UserError(f"--out {args.out}: exists and is not a directory")
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -116,33 +115,30 @@ def png_settings(args: argparse.Namespace, scheduler_config) -> dict:
 def main(args: argparse.Namespace) -> list[Path]:
     from tqdm.auto import tqdm
 
-    try:
-        check_args(args)
-        pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
-        pipeline.set_progress_bar_config(disable=True)
-        prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
-        first = random.randrange(2**32) if args.seed == -1 else args.seed
-        seeds = [first + i for i in range(len(prompts))]
-        with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="step") as bar:
-            images = generate(
-                pipeline,
-                prompts,
-                [args.negative_prompt] * len(prompts),
-                seeds,
-                height=args.height,
-                width=args.width,
-                num_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                guidance_rescale=args.guidance_rescale,
-                sampler=args.sampler,
-                sigma_max=args.sigma_max,
-                emphasis=not args.no_emphasis,
-                batch_size=args.batch_size,
-                base_resolution=args.base_resolution if args.attention_scaling else None,
-                on_step=bar.update,
-            )
-    except SamplingInputError as error:
-        raise SystemExit(f"error: {error}") from None
+    check_args(args)
+    pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
+    first = random.randrange(2**32) if args.seed == -1 else args.seed
+    seeds = [first + i for i in range(len(prompts))]
+    with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="step") as bar:
+        images = generate(
+            pipeline,
+            prompts,
+            [args.negative_prompt] * len(prompts),
+            seeds,
+            height=args.height,
+            width=args.width,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale,
+            sampler=args.sampler,
+            sigma_max=args.sigma_max,
+            emphasis=not args.no_emphasis,
+            batch_size=args.batch_size,
+            base_resolution=args.base_resolution if args.attention_scaling else None,
+            on_step=bar.update,
+        )
     settings = list(png_settings(args, pipeline.scheduler.config).items())
     args.out.mkdir(parents=True, exist_ok=True)
     start = len(list(args.out.glob("*.png")))
@@ -159,4 +155,6 @@ def main(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdxl_ztsnr.console import UserError, loading_model
 from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts
 from sdxl_ztsnr.schedule import (
     NAI_SIGMA_MAX,
@@ -42,10 +43,6 @@ from sdxl_ztsnr.schedule import (
 Sampler = Literal["euler", "dpmpp_2m"]
 SAMPLERS: tuple[str, ...] = ("euler", "dpmpp_2m")
 A1111_SAMPLER_NAMES = {"euler": "Euler", "dpmpp_2m": "DPM++ 2M"}  # the names A1111 writes in PNG info
-
-
-class SamplingInputError(ValueError):
-    """A bad input a user can fix (a path, a flag value); the scripts print its one-line message and exit."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,9 +66,7 @@ def training_alpha_bar(scheduler_config: Mapping, sigma_max: float = NAI_SIGMA_M
     if not sdxl_betas:
         return None
     if not math.isfinite(sigma_max) or sigma_max <= 0:
-        raise SamplingInputError(
-            f"--sigma_max must be a positive finite number to sample from, got {sigma_max}"
-        )
+        raise UserError(f"--sigma_max must be a positive finite number to sample from, got {sigma_max}")
     return alphas_cumprod(True, sigma_max, scheduler_config.get("num_train_timesteps", 1000))
 
 
@@ -103,7 +98,7 @@ def make_scheduler(
             lower_order_final=True,
         )
     else:
-        raise SamplingInputError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        raise UserError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
     if alpha_bar is None:
         scheduler.set_timesteps(num_steps)
         return scheduler
@@ -118,7 +113,7 @@ def make_scheduler(
 def first_step(num_steps: int, strength: float) -> int:
     """Index on an n-step ladder where image-to-image starts: the last max(1, round(n·strength)) steps run."""
     if not 0.0 < strength <= 1.0:
-        raise SamplingInputError(f"the denoising strength must be in (0, 1], got {strength}")
+        raise UserError(f"the denoising strength must be in (0, 1], got {strength}")
     return num_steps - max(1, round(num_steps * strength))
 
 
@@ -401,7 +396,7 @@ def generate(
         raise ValueError("generate: prompts, negative_prompts and seeds must have the same length")
     multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise SamplingInputError(
+        raise UserError(
             f"--width/--height must be positive multiples of {multiple} for this model, got {width}x{height}"
         )
     config = dict(pipeline.scheduler.config)
@@ -465,23 +460,15 @@ def load_pipeline(
     path = Path(model)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise SamplingInputError(
-                f"--model {path}: not a diffusers pipeline directory (no model_index.json)"
-            )
-        try:
+            raise UserError(f"--model {path}: not a diffusers pipeline directory (no model_index.json)")
+        with loading_model(path):
             pipeline = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise SamplingInputError(
-                f"--model {path}: cannot load the pipeline ({_first_line(error)})"
-            ) from error
     elif path.is_file():
         if path.suffix != ".safetensors":
-            raise SamplingInputError(
-                f"--model {path}: a single file must be .safetensors (pickles are not loaded)"
-            )
+            raise UserError(f"--model {path}: a single file must be .safetensors (pickles are not loaded)")
         pipeline = _load_single_file(path, config, dtype)
     else:
-        raise SamplingInputError(f"--model {path}: no such file or directory")
+        raise UserError(f"--model {path}: no such file or directory")
     if getattr(pipeline.vae.config, "force_upcast", False) and pipeline.vae.dtype != torch.float32:
         pipeline.vae.to(torch.float32)
     return pipeline.to(device)
@@ -489,20 +476,21 @@ def load_pipeline(
 
 def _load_single_file(path: Path, config, dtype: torch.dtype):
     from diffusers import StableDiffusionXLPipeline
+    from safetensors import SafetensorError
 
     if config is not None and not (Path(config) / "model_index.json").is_file():
-        raise SamplingInputError(f"--config {config}: not a diffusers SDXL directory (no model_index.json)")
+        raise UserError(f"--config {config}: not a diffusers SDXL directory (no model_index.json)")
     try:
         v_pred, ztsnr = single_file_markers(path)
         kwargs = {"config": str(config), "local_files_only": True} if config is not None else {}
         pipeline = StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         if config is None:
-            raise SamplingInputError(
+            raise UserError(
                 f"--model {path}: a single file needs SDXL's configs, which could not be fetched "
-                f"({_first_line(error)}); offline, pass --config DIR (a diffusers SDXL pipeline directory)"
+                f"({_reason(error)}); offline, pass --config DIR (a diffusers SDXL pipeline directory)"
             ) from error
-        raise SamplingInputError(f"--model {path}: cannot load ({_first_line(error)})") from error
+        raise UserError(f"--model {path}: cannot load ({_reason(error)})") from error
     scheduler_config = dict(pipeline.scheduler.config)
     scheduler_config["prediction_type"] = "v_prediction" if v_pred else "epsilon"
     scheduler_config["rescale_betas_zero_snr"] = ztsnr
@@ -514,9 +502,10 @@ def _load_single_file(path: Path, config, dtype: torch.dtype):
     return pipeline
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _reason(error: BaseException) -> str:
+    """The first line of a loader's error message (they run to many lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def model_hash(path: str | os.PathLike) -> str:

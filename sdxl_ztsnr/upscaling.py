@@ -23,7 +23,7 @@ from sdxl_ztsnr.color_fix import ColorFix, color_fix
 from sdxl_ztsnr.sampling import (
     Conditioning,
     Sampler,
-    SamplingInputError,
+    UserError,
     decode_latents,
     denoise,
     encode_images,
@@ -90,7 +90,7 @@ def pixel_multiple(pipeline) -> int:
 def output_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """(width, height) of the upscaled image; refuses scale < 1."""
     if not scale >= 1.0:
-        raise SamplingInputError(f"--scale must be at least 1 (1 redraws at the same size), got {scale}")
+        raise UserError(f"--scale must be at least 1 (1 redraws at the same size), got {scale}")
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
@@ -125,12 +125,12 @@ def check_memory(estimate: MemoryEstimate, device: torch.device, size: tuple[int
     needed_host = estimate.host_bytes + (estimate.device_bytes if free is None else 0)
     gib = 2**30
     if needed_host > host:
-        raise SamplingInputError(
+        raise UserError(
             f"the {size[0]}x{size[1]} output needs about {needed_host / gib:.1f} GiB of memory, "
             f"{host / gib:.1f} GiB are available; lower --scale (or --tile_batch / --tile_size)"
         )
     if free is not None and estimate.device_bytes > free:
-        raise SamplingInputError(
+        raise UserError(
             f"one tile batch needs about {estimate.device_bytes / gib:.1f} GiB on {device}, "
             f"{free / gib:.1f} GiB are free; lower --tile_batch, --tile_size or --vae_tile_size"
         )
@@ -153,12 +153,12 @@ def load_upscaler(path: str | os.PathLike):
     try:
         import spandrel
     except ImportError as error:
-        raise SamplingInputError(
+        raise UserError(
             f"--upscaler_model {path}: the spandrel package is needed (pip install spandrel)"
         ) from error
     path = Path(path)
     if not path.is_file():
-        raise SamplingInputError(f"--upscaler_model {path}: no such file")
+        raise UserError(f"--upscaler_model {path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -168,7 +168,7 @@ def load_upscaler(path: str | os.PathLike):
     try:
         return spandrel.ModelLoader().load_from_state_dict(state_dict).eval()
     except Exception as error:  # spandrel raises its own types for unknown architectures
-        raise SamplingInputError(f"--upscaler_model {path}: not a model spandrel knows ({error})") from error
+        raise UserError(f"--upscaler_model {path}: not a model spandrel knows ({error})") from error
 
 
 @torch.no_grad()
@@ -341,16 +341,16 @@ def check_options(
         positive["--seams_fix_width"] = seams.width
     for flag, value in positive.items():
         if value < 1:
-            raise SamplingInputError(f"{flag} must be at least 1, got {value}")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     for flag, value in {"--denoise": denoise_strength, "--seams_fix_denoise": seams.denoise}.items():
         if not 0.0 < value <= 1.0:
-            raise SamplingInputError(f"{flag} must be in (0, 1], got {value}")
+            raise UserError(f"{flag} must be in (0, 1], got {value}")
     pairs = [("--mask_blur", tiles.mask_blur, "--padding", tiles.padding)]
     if seams.mode != "none":
         pairs.append(("--seams_fix_mask_blur", seams.mask_blur, "--seams_fix_padding", seams.padding))
     for blur_flag, blur, padding_flag, padding in pairs:
         # The feathered mask reaches blur/2 past the tile; the window must hold it (plus a pixel).
         if padding < 0 or blur < 0 or (blur > 0 and blur > 2 * (padding - 1)):
-            raise SamplingInputError(
+            raise UserError(
                 f"{blur_flag} ({blur}) must be 0, or at most 2 × ({padding_flag} − 1) = {2 * (padding - 1)}"
             )

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sdxl_ztsnr import sample as sample_command
+from sdxl_ztsnr.console import USER_ERROR_EXIT_CODE, UserError
 from sdxl_ztsnr.export import save_single_file
 from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts, parse_emphasis
 from sdxl_ztsnr.sampling import (
@@ -414,9 +415,9 @@ def test_sample_command_user_errors_are_one_line(tiny_sdxl, tmp_path, argv, mess
     argv = [a.format(tmp=tmp_path, tiny=tiny_sdxl) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as raised:
+    with pytest.raises(UserError) as raised:
         run_sample("--prompt", "cat", "--width", "64", "--height", "64", *argv)
-    text = str(raised.value.code)
+    text = str(raised.value)
     assert re.search(message, text) and "\n" not in text
 
 
@@ -429,7 +430,7 @@ def test_single_file_without_config_offline_says_to_pass_config(single_file, tmp
         [sys.executable, "-m", "sdxl_ztsnr.sample", "--model", str(path), "--prompt", "cat", "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert done.returncode != 0
+    assert done.returncode == USER_ERROR_EXIT_CODE
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --model") and "--config DIR" in last
