@@ -88,6 +88,7 @@ def sample_images(
         guidance_rescale=guidance_rescale,
         alpha_bar=alpha_bar,
         emphasis=False,
+        batch_size=max(1, num_images_per_prompt),
     )
 
 
