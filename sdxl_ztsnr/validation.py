@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdxl_ztsnr.schedule import alphas_cumprod, inference_sigmas, make_scheduler
+from sdxl_ztsnr.sampling import generate
+from sdxl_ztsnr.schedule import alphas_cumprod
+from sdxl_ztsnr.schedule import make_scheduler as make_training_scheduler
 from sdxl_ztsnr.training import training_loss
 
 # Spread over the whole ladder, the pure-noise step included: the step ZTSNR exists to train.
@@ -65,29 +67,29 @@ def sample_images(
 ) -> list[Image.Image]:
     """Sample as the model was trained: v-prediction Euler, trailing spacing from σ_max, CFG rescale φ.
 
-    ``alpha_bar`` is the training schedule (default: ZTSNR with σ_max 20000). diffusers' scheduler alone
-    would start a ZTSNR model at σ ≈ 4096 (its stand-in for SNR = 0); the explicit ladder starts at the
-    σ_max the model was trained with (Lin et al. 2023 §3.3; NAI V3 §2.2).
+    ``alpha_bar`` is the training schedule (default: ZTSNR with σ_max 20000); sampling goes through
+    `sdxl_ztsnr.sampling.generate`, the path of the sampler command. Prompts are used verbatim (no emphasis
+    syntax), as training captions are; image j of prompt i has seed ``seed + i·num_images_per_prompt + j``.
     """
     if alpha_bar is None:
         alpha_bar = alphas_cumprod()
-    pipeline.scheduler = make_scheduler(ztsnr=bool(alpha_bar[-1] < 1e-6))
-    ladder = inference_sigmas(alpha_bar, num_inference_steps).tolist()
-    images: list[Image.Image] = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator(device="cpu").manual_seed(seed + index)
-        result = pipeline(
-            prompt=prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            sigmas=ladder,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            height=height,
-            width=width,
-            generator=generator,
-        )
-        images.extend(result.images)
-    return images
+    # The pipeline may come from the base model (an ε scheduler): sample with the training schedule's config.
+    pipeline.scheduler = make_training_scheduler(ztsnr=bool(alpha_bar[-1] < 1e-6))
+    repeated = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
+    return generate(
+        pipeline,
+        repeated,
+        [""] * len(repeated),
+        [seed + index for index in range(len(repeated))],
+        height=height,
+        width=width,
+        num_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
+        alpha_bar=alpha_bar,
+        emphasis=False,
+        batch_size=max(1, num_images_per_prompt),
+    )
 
 
 def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
