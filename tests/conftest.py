@@ -3,8 +3,12 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Set before torch starts OpenMP: on a small shared machine spinning OpenMP threads make toy models many times
+# slower (they wait actively for each other); passive waiting costs nothing measurable here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests never touch the network: everything they load is built locally. Set before any test module
 # imports huggingface_hub, which reads these once.
