@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--max_token_chunks", type=int, default=3, help="75-token chunks per prompt (raw data)")
     data.add_argument(
+        "--precompute_shard_size",
+        type=int,
+        default=512,
+        help="raw data: images per precompute shard, the unit dealt to processes and resumed after a kill",
+    )
+    data.add_argument(
         "--text_online",
         action="store_true",
         help="encode captions every step (needed for --tag_dropout and --keep_tokens)",
@@ -354,6 +360,8 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
         str(args.bucket_step),
         "--max_token_chunks",
         str(args.max_token_chunks),
+        "--shard_size",
+        str(args.precompute_shard_size),
     ]
     if args.pretrained_vae_model_name_or_path:
         argv += ["--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path]
