@@ -43,7 +43,12 @@ from sdxl_ztsnr.train_data import (
     vae_config_latent_stats,
 )
 from sdxl_ztsnr.trained_weights import EmaSettings, LoraSettings, TrainedWeights, check_lora_base
-from sdxl_ztsnr.training import build_optimizer, clear_nonfinite_mark, mark_nonfinite_step, training_loss
+from sdxl_ztsnr.training import (
+    build_optimizer,
+    clear_nonfinite_mark,
+    clip_and_check_gradients,
+    training_loss,
+)
 from sdxl_ztsnr.validation import fixed_validation_loss, image_grid, log_images, sample_images
 
 logger = logging.getLogger("train_sdxl_ztsnr")
@@ -829,8 +834,9 @@ def main(args: argparse.Namespace) -> dict:
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(weights.parameters, clip_norm)
-                    found_inf = mark_nonfinite_step(optimizer, grad_norm, args.mixed_precision == "fp16")
+                    found_inf = clip_and_check_gradients(
+                        accelerator, optimizer, weights.parameters, clip_norm, args.mixed_precision == "fp16"
+                    )
                 optimizer.step()
                 clear_nonfinite_mark(optimizer)
                 optimizer.zero_grad(set_to_none=True)

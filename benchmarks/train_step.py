@@ -46,7 +46,7 @@ from sdxl_ztsnr.schedule import add_noise, alphas_cumprod, loss_weights, v_targe
 from sdxl_ztsnr.training import (  # noqa: E402
     build_optimizer,
     clear_nonfinite_mark,
-    mark_nonfinite_step,
+    clip_and_check_gradients,
     training_loss,
 )
 
@@ -144,6 +144,7 @@ class TrainerLoop:
             fp16,
         )
         device = accelerator.device
+        self.parameters = list(unet.parameters())
         self.running_loss = torch.zeros((), device=device)
         self.bad_in_a_row = torch.zeros((), device=device)
         self.bad_total = torch.zeros((), device=device)
@@ -155,12 +156,11 @@ class TrainerLoop:
             loss, _ = training_loss(unet, batch, self.alpha_bar, self.generator, "min_snr", 5.0, 1.0)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-                found_inf = mark_nonfinite_step(optimizer, grad_norm, self.fp16)
+                found_inf = clip_and_check_gradients(accelerator, optimizer, self.parameters, 1.0, self.fp16)
             optimizer.step()
             clear_nonfinite_mark(optimizer)
-            self.lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()  # once per update, as the trainer (step_scheduler_with_optimizer=False)
         self.running_loss += torch.nan_to_num(loss.detach(), nan=0.0, posinf=0.0)
         self.bad_in_a_row = (self.bad_in_a_row + found_inf) * found_inf
         self.bad_total += found_inf
@@ -189,7 +189,7 @@ def prepared_trainer(accelerator, unet, learning_rate: float, max_steps: int, se
         "constant_with_warmup",
         optimizer,
         num_warmup_steps=0,
-        num_training_steps=max_steps * accelerator.num_processes,
+        num_training_steps=max_steps,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if compile_unet:
@@ -572,7 +572,11 @@ def run_sdxl(options: argparse.Namespace) -> list[dict]:
     if "step" in variants or "loop" in variants:
         # The trainer's code from here on: accelerate (bf16 autocast), fused AdamW, cache rows, loader.
         reset_accelerate()
-        accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=device.type == "cpu")
+        accelerator = Accelerator(
+            mixed_precision=options.mixed_precision,
+            cpu=device.type == "cpu",
+            step_scheduler_with_optimizer=False,
+        )
         count = batch_size * total
         data = TrainingRows(
             synthetic_rows(count, resolution, embed_dim, pooled_dim),

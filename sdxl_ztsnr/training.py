@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -145,7 +146,52 @@ def mark_nonfinite_step(
 
 
 def clear_nonfinite_mark(optimizer: torch.optim.Optimizer) -> None:
-    """Remove the ``found_inf`` attribute after the step so it never leaks into a later one."""
+    """Remove the ``found_inf`` / ``grad_scale`` attributes after the step so they never leak into a later one."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    if hasattr(inner, "found_inf"):
-        del inner.found_inf
+    for name in ("found_inf", "grad_scale"):
+        if hasattr(inner, name):
+            delattr(inner, name)
+
+
+def global_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """‖g‖₂ over every gradient, as a 0-dim fp32 tensor on the gradients' device (one read pass, no sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def clip_and_check_gradients(
+    accelerator,
+    optimizer: torch.optim.Optimizer,
+    parameters: list,
+    max_norm: float,
+    scaler_skips: bool = False,
+) -> torch.Tensor:
+    """Global-norm clipping to ``max_norm`` (math.inf: none) and the non-finite check for the coming step.
+
+    Returns the non-finite flag (0/1, on the device). With torch's fused Adam/AdamW under DDP or one process,
+    the clip factor is handed to the optimizer's kernel as ``grad_scale`` (GradScaler's mechanism: the kernel
+    divides each gradient by it as it reads it), which spares clip_grad_norm_'s extra multiply pass over every
+    gradient; the update is the same as clipping first. Elsewhere (FSDP and DeepSpeed shard gradients, fp16's
+    GradScaler owns grad_scale, other optimizers) accelerate's clip_grad_norm_ does it.
+    """
+    from accelerate.utils import DistributedType
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    whole_gradients = accelerator.distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_GPU,
+        DistributedType.MULTI_CPU,
+    )
+    if whole_gradients and not scaler_skips and supports_device_skip(inner):
+        norm = global_grad_norm(parameters)
+        if math.isfinite(max_norm):
+            # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same
+            inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+        if norm is None:  # DeepSpeed before its first step reports no norm
+            norm = torch.zeros((), device=accelerator.device)
+        norm = torch.as_tensor(norm, device=accelerator.device)
+    return mark_nonfinite_step(optimizer, norm, scaler_skips)

@@ -7,7 +7,12 @@ import torch
 
 from sdxl_ztsnr.losses import noise_batch, weighted_loss
 from sdxl_ztsnr.schedule import alphas_cumprod, loss_weights
-from sdxl_ztsnr.training import build_optimizer, clear_nonfinite_mark, mark_nonfinite_step
+from sdxl_ztsnr.training import (
+    build_optimizer,
+    clear_nonfinite_mark,
+    clip_and_check_gradients,
+    mark_nonfinite_step,
+)
 
 
 def test_loss_equals_hand_computed_value():
@@ -79,3 +84,46 @@ def test_nonfinite_step_is_skipped_on_device(bad):
     assert flag.item() == 0.0
     assert not torch.equal(model.weight, before["weight"])
     assert optimizer.state[model.weight]["step"].item() == 2
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, math.inf])
+def test_clip_factor_in_the_fused_kernel_equals_clipping_first(max_norm):
+    from accelerate import Accelerator
+
+    def trained(clip_in_kernel: bool) -> dict:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+        parameters = list(model.parameters())
+        optimizer = build_optimizer(parameters, "adamw", 1e-2)
+        accelerator = Accelerator(cpu=True)
+        for step in range(3):
+            (model(torch.randn(5, 8, generator=torch.Generator().manual_seed(step))) ** 2).sum().backward()
+            if clip_in_kernel:
+                flag = clip_and_check_gradients(accelerator, optimizer, parameters, max_norm)
+                assert flag.item() == 0.0
+                assert hasattr(optimizer, "grad_scale") == math.isfinite(max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            optimizer.step()
+            clear_nonfinite_mark(optimizer)
+            optimizer.zero_grad()
+        assert not hasattr(optimizer, "grad_scale")
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    first, in_kernel = trained(False), trained(True)
+    for key in first:
+        torch.testing.assert_close(in_kernel[key], first[key], rtol=1e-6, atol=1e-7)
+
+
+def test_clip_and_check_skips_a_non_finite_step():
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer(model.parameters(), "adamw", 1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (model(torch.randn(2, 4)).sum() * float("nan")).backward()
+    flag = clip_and_check_gradients(Accelerator(cpu=True), optimizer, list(model.parameters()), 1.0)
+    optimizer.step()
+    clear_nonfinite_mark(optimizer)
+    assert flag.item() == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
