@@ -82,28 +82,6 @@ def training_loss(
     return weighted_loss(prediction, noised, weighting, snr_gamma, batch.get("sample_weights"))
 
 
-def build_optimizer(
-    params,
-    name: OptimizerName,
-    learning_rate: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    weight_decay: float = 1e-2,
-    eps: float = 1e-8,
-    device_type: str = "cpu",
-) -> torch.optim.Optimizer:
-    """AdamW: fused where torch has a fused kernel (one launch per step, and it can skip a step on device)."""
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:  # pragma: no cover - depends on the install
-            raise SystemExit("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused
-    )
-
-
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """True for torch's fused Adam/AdamW, whose kernel reads ``found_inf`` and skips the update on device."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
