@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from sdxl_ztsnr.training import supports_device_skip
 
@@ -221,13 +222,14 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         saved: dict[str, torch.Tensor] = {}
         if not self.device_skip:
             state = optimizer.state.get(shadow)
-            if not state and not bool(finite):  # first update ever: no state to restore, decide on the host
+            # First update ever: no state to restore, so decide on the host (no value to read under
+            # FakeTensorMode, where benchmarks/memory.py estimates memory: step).
+            if not state and not is_fake(finite) and not bool(finite):
                 return
             saved = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)} if state else {}
         compensation = self.compensation[i]
-        shadow.data = compensated_value(param, compensation)
-        if shadow.data.data_ptr() == param.data_ptr():  # fp32 weights: step a copy, keep the original
-            shadow.data = shadow.data.clone()
+        value = compensated_value(param, compensation)  # fp32 weights: an alias, so step a copy
+        shadow.data = value.clone() if param.dtype == torch.float32 else value
         shadow.grad = grad.float()
         if self.device_skip:
             optimizer.found_inf = (~finite).float()

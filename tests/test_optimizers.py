@@ -169,12 +169,14 @@ def test_fused_backward_trains_the_same_weights_as_the_ordinary_step(name):
 
 
 def test_fused_backward_on_the_tiny_sdxl_unet_matches_the_ordinary_step(tiny_sdxl):
+    """With gradient checkpointing on the fused side: the lowest-memory combination."""
     from diffusers import UNet2DConditionModel
 
     from sdxl_ztsnr.sdxl_architecture import unet_inputs
 
     reference = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
     fused_unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    fused_unet.enable_gradient_checkpointing()  # the hooks also fire for gradients of recomputed blocks
     config = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
     torch.manual_seed(0)
     inputs = [unet_inputs(config, 1, 64) for _ in range(2)]
@@ -339,3 +341,37 @@ def test_resume_with_other_trainable_parameters_is_refused():
     smaller = FusedBackward(list(small_model().parameters())[:2], make("adamw"))
     with pytest.raises(ValueError, match="same trainable parameters"):
         smaller.load_state_dict(optimizer.state_dict())
+
+
+def test_fused_backward_under_accelerate_resumes_from_save_state(tmp_path):
+    """The trainer's path: accelerate.prepare(model, optimizer, scheduler), save_state, load_state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(resume_from=None, save_to=None):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        model = small_model(dtype=torch.bfloat16)
+        optimizer = build_training_optimizer(
+            model.parameters(), "adafactor", 1e-2, fused_backward=True, bf16_update="stochastic", seed=1
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        optimizer.optimizer.attach()
+        data = batches(4)
+        if resume_from:
+            accelerator.load_state(resume_from)
+            data = data[2:]
+        for index, batch in enumerate(data):
+            train(model, optimizer, [batch])
+            scheduler.step()
+            if save_to and index == 1:
+                accelerator.save_state(save_to)
+        return model, optimizer
+
+    unbroken, optimizer = run(save_to=tmp_path / "state")
+    resumed, resumed_optimizer = run(resume_from=tmp_path / "state")
+    assert_same_weights(unbroken, resumed, atol=0.0)
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    assert optimizer.optimizer.skipped_updates.item() == 0
