@@ -246,11 +246,8 @@ def build_optimizer_for(config: Config, unet: torch.nn.Module, device: torch.dev
         optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, foreach=True)
     elif config.optimizer == "adamw8bit" and fake:
         layout = functools.partial(EightBitAdamWLayout, lr=LEARNING_RATE)
-        optimizer = (
-            FusedBackward(params, layout, None, bf16_update)
-            if config.fused_backward
-            else PerParameterOptimizer(params, layout, bf16_update)
-        )
+        kind = FusedBackward if config.fused_backward else PerParameterOptimizer
+        optimizer = kind(params, layout, None, bf16_update)
     else:
         optimizer = build_training_optimizer(
             params,

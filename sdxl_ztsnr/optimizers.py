@@ -137,8 +137,8 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[torch.Tensor],
         make_optimizer: MakeOptimizer,
-        bf16_update: Bf16Update | None = None,
         max_grad_norm_per_param: float | None = None,
+        bf16_update: Bf16Update | None = None,
         seed: int = 0,
     ):
         params = [p for p in params if p.requires_grad]
@@ -236,9 +236,9 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         optimizer.step()
         if self.device_skip:
             del optimizer.found_inf
-        for key, value in saved.items():
+        for key, before in saved.items():
             current = optimizer.state[shadow][key]
-            current.copy_(torch.where(finite, current, value))
+            current.copy_(torch.where(finite, current, before))
         self._write_back(i, param, torch.where(finite, shadow.data, compensated_value(param, compensation)))
         shadow.grad = None
         shadow.data = torch.empty(0, device=param.device)
@@ -324,7 +324,7 @@ class FusedBackward(PerParameterOptimizer):
         bf16_update: Bf16Update | None = None,
         seed: int = 0,
     ):
-        super().__init__(params, make_optimizer, bf16_update, max_grad_norm_per_param, seed)
+        super().__init__(params, make_optimizer, max_grad_norm_per_param, bf16_update, seed)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, param: torch.Tensor) -> None:
@@ -413,5 +413,5 @@ def build_training_optimizer(
     if fused_backward:
         return FusedBackward(params, make, max_grad_norm or None, bf16_update, seed)
     if bf16_update is not None and any(p.dtype == torch.bfloat16 for p in params):
-        return PerParameterOptimizer(params, make, bf16_update, None, seed)
+        return PerParameterOptimizer(params, make, None, bf16_update, seed)
     return make(params)
