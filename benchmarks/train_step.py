@@ -42,38 +42,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdxl_ztsnr.losses import per_sample_mse  # noqa: E402
-from sdxl_ztsnr.schedule import add_noise, alphas_cumprod, loss_weights, v_target  # noqa: E402
-from sdxl_ztsnr.training import (  # noqa: E402
+from sdxl_ztsnr.optimizers import (  # noqa: E402
     build_optimizer,
     clear_nonfinite_mark,
     clip_and_check_gradients,
-    training_loss,
 )
-
-# SDXL base 1.0's UNet (unet/config.json of stabilityai/stable-diffusion-xl-base-1.0): 2.567B parameters.
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    # Heads per block (diffusers' historical name for it), 64 channels each.
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,  # CLIP ViT-L (768) + OpenCLIP bigG (1280) hidden states
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # pooled bigG (1280) + 6 size numbers × 256
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
-CHUNK = 77  # tokens per prompt chunk
+from sdxl_ztsnr.schedule import add_noise, alphas_cumprod, loss_weights, v_target  # noqa: E402
+from sdxl_ztsnr.sdxl_architecture import PROMPT_CHUNK as CHUNK  # noqa: E402
+from sdxl_ztsnr.sdxl_architecture import SDXL_UNET  # noqa: E402
+from sdxl_ztsnr.training import training_loss  # noqa: E402
 
 
 def sync_fn(device: torch.device):

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sdxl_ztsnr.losses import noise_batch, weighted_loss
-from sdxl_ztsnr.schedule import alphas_cumprod, loss_weights
-from sdxl_ztsnr.training import (
+from sdxl_ztsnr.optimizers import (
     build_optimizer,
     clear_nonfinite_mark,
     clip_and_check_gradients,
     mark_nonfinite_step,
 )
+from sdxl_ztsnr.schedule import alphas_cumprod, loss_weights
 
 
 def test_loss_equals_hand_computed_value():

@@ -141,3 +141,60 @@ def test_lora_on_an_epsilon_base_is_refused(tiny_sdxl, train_cache, trainer_args
     with pytest.raises(UserError, match="v-prediction"):
         run(args)
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+# --- memory switches --------------------------------------------------------------------------------------
+
+
+def test_fused_backward_pass_trains_the_same_weights_without_clipping(
+    tiny_sdxl, train_cache, trainer_args, tmp_path
+):
+    common = ("--precomputed_dir", str(train_cache), "--max_train_steps", "3", "--max_grad_norm", "0")
+    run(trainer_args(tiny_sdxl, tmp_path / "plain", *common, "--no_single_file"))
+    run(trainer_args(tiny_sdxl, tmp_path / "fused", *common, "--no_single_file", "--fused_backward_pass"))
+    plain, fused = unet_weights(tmp_path / "plain" / "unet"), unet_weights(tmp_path / "fused" / "unet")
+    assert_equal_weights(fused, plain, atol=1e-5)
+    assert any(not torch.equal(plain[k], unet_weights(tiny_sdxl / "unet")[k]) for k in plain)
+
+
+def test_fused_backward_pass_refuses_accumulation(tiny_sdxl, train_cache, trainer_args, tmp_path):
+    args = trainer_args(
+        tiny_sdxl, tmp_path, "--precomputed_dir", str(train_cache), "--fused_backward_pass",
+        "--gradient_accumulation_steps", "2",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 1"):
+        run(args)
+
+
+def test_lowest_memory_combination_trains_and_resumes_exactly(tiny_sdxl, train_cache, trainer_args, tmp_path):
+    low = (
+        "--weights_dtype", "bf16", "--optimizer", "adafactor", "--fused_backward_pass",
+        "--gradient_checkpointing", "--mixed_precision", "bf16", "--learning_rate", "1e-3", "--no_single_file",
+    )  # fmt: skip
+    common = ("--precomputed_dir", str(train_cache), "--max_train_steps", "4", *low)
+    result = run(trainer_args(tiny_sdxl, tmp_path / "a", *common))
+    assert result["step"] == 4 and result["skipped_steps"] == 0
+    trained = unet_weights(tmp_path / "a" / "unet")
+    assert {v.dtype for v in trained.values()} == {torch.bfloat16}
+    initial = unet_weights(tiny_sdxl / "unet")
+    assert any(not torch.equal(trained[k], initial[k].to(torch.bfloat16)) for k in trained)
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    run(trainer_args(tiny_sdxl, tmp_path / "b", *common, "--resume_from_checkpoint", "latest"))
+    assert_equal_weights(unet_weights(tmp_path / "b" / "unet"), trained, atol=0)
+
+
+def test_seed_enable_xformers_without_xformers_warns_once_and_trains(
+    tiny_sdxl, train_cache, trainer_args, tmp_path, caplog
+):
+    from diffusers.utils import is_xformers_available
+
+    if is_xformers_available():
+        pytest.skip("xformers is installed here")
+    args = trainer_args(
+        tiny_sdxl, tmp_path, "--precomputed_dir", str(train_cache), "--max_train_steps", "1", "--enable_xformers",
+        "--no_single_file",
+    )  # fmt: skip
+    assert args.attention_backend == "xformers"
+    assert run(args)["step"] == 1
+    warnings = [r for r in caplog.records if "xformers" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "scaled_dot_product_attention" in warnings[0].getMessage()

@@ -1,0 +1,377 @@
+"""Optimizers: Adafactor settings, bf16 stochastic rounding / compensated updates, the fused backward pass
+(same weights as the ordinary step, exact resume, non-finite skips, per-parameter clipping) and its refusals."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+
+from sdxl_ztsnr.optimizers import (
+    FusedBackward,
+    PerParameterOptimizer,
+    build_optimizer,
+    build_training_optimizer,
+    check_fused_backward,
+    compensated_value,
+    fused_backward_clipping_note,
+    kahan_update_,
+    stochastic_round_,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second OpenMP thread only adds barrier waits on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A conv (4-D weight: Adafactor factors its last two dims), a norm and two linears."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.GroupNorm(2, 8),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 16),
+        torch.nn.GELU(),
+        torch.nn.Linear(16, 4),
+    )
+    return model.to(dtype)
+
+
+def batches(count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, 6, 6, generator=generator), torch.randn(4, 4, generator=generator))
+        for _ in range(count)
+    ]
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data) -> None:
+    """Forward, MSE, backward, step, zero_grad: the trainer's order (a fused optimizer steps inside backward)."""
+    dtype = next(model.parameters()).dtype
+    for x, y in data:
+        loss = torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def make(name: str, lr: float = 1e-2):
+    return functools.partial(build_optimizer, name=name, learning_rate=lr, weight_decay=1e-2)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- build_optimizer ------------------------------------------------------------------------------------
+
+
+def test_adafactor_is_set_up_with_a_fixed_learning_rate():
+    optimizer = build_optimizer(small_model().parameters(), "adafactor", 3e-6, weight_decay=0.0)
+    group = optimizer.param_groups[0]
+    assert type(optimizer).__name__ == "Adafactor"
+    assert group["lr"] == 3e-6
+    assert not group["relative_step"] and not group["scale_parameter"] and not group["warmup_init"]
+    assert group["beta1"] is None  # no first moment: the memory saving is the point
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="adafactor"):
+        build_optimizer(small_model().parameters(), "sgd", 1e-3)
+
+
+# --- bf16 rounding --------------------------------------------------------------------------------------
+
+
+def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and above each fp32 value (towards -inf and +inf)."""
+    nearest = x.to(torch.bfloat16).float()
+    up = torch.nextafter(nearest.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    down = torch.nextafter(
+        nearest.to(torch.bfloat16), torch.tensor(float("-inf"), dtype=torch.bfloat16)
+    ).float()
+    low = torch.where(nearest <= x, nearest, down)
+    high = torch.where(nearest >= x, nearest, up)
+    return low, high
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    generator = torch.Generator().manual_seed(0)
+    source = torch.cat([torch.randn(64) * 10 ** torch.linspace(-3, 3, 64), -torch.rand(64), torch.rand(64)])
+    draws = 20000
+    repeated = source.repeat(draws, 1)
+    rounded = torch.empty_like(repeated, dtype=torch.bfloat16)
+    stochastic_round_(rounded, repeated, generator)
+    low, high = bf16_neighbours(source)
+    values = rounded.float()
+    assert bool(((values == low) | (values == high)).all())
+    # Mean of the draws converges to the fp32 value: within 5 standard errors of a two-point distribution.
+    p = ((source - low) / (high - low)).nan_to_num(0.0)
+    standard_error = (high - low) * (p * (1 - p)).sqrt() / draws**0.5
+    assert bool(((values.mean(0) - source).abs() <= 5 * standard_error + 1e-12).all())
+    # Exactly representable values never move.
+    exact = source.to(torch.bfloat16).float()
+    again = torch.empty_like(exact, dtype=torch.bfloat16)
+    assert torch.equal(stochastic_round_(again, exact, generator).float(), exact)
+
+
+def test_stochastic_rounding_rejects_wrong_dtypes():
+    with pytest.raises(ValueError, match="bfloat16"):
+        stochastic_round_(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="float32"):
+        stochastic_round_(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_tiny_update_survives_stochastic_rounding_and_compensation_but_not_nearest():
+    """1e-4 per step on weights of 1.0: below half a bf16 step (2**-8), so round-to-nearest never moves."""
+    generator = torch.Generator().manual_seed(0)
+    steps, step_size = 200, 1e-4
+    nearest = torch.ones(4096, dtype=torch.bfloat16)
+    stochastic = torch.ones(4096, dtype=torch.bfloat16)
+    kahan, compensation = torch.ones(4096, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16)
+    for _ in range(steps):
+        nearest.copy_(nearest.float() + step_size)
+        stochastic_round_(stochastic, stochastic.float() + step_size, generator)
+        kahan_update_(kahan, compensation, compensated_value(kahan, compensation) + step_size)
+    total = steps * step_size  # 0.02
+    assert bool((nearest == 1.0).all())  # the whole update lost
+    assert abs(stochastic.float().mean().item() - 1.0 - total) < 0.05 * total  # on average
+    # Each element keeps the update to ~16 bits (the bf16 compensation rounds too).
+    assert float((compensated_value(kahan, compensation) - 1.0 - total).abs().max()) < 0.05 * total
+
+
+# --- fused backward pass ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "adamw8bit"])
+def test_fused_backward_trains_the_same_weights_as_the_ordinary_step(name):
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    reference, fused_model = small_model(), small_model()
+    data = batches(5)
+    train(reference, make(name)(reference.parameters()), data)
+    fused = FusedBackward(fused_model.parameters(), make(name)).attach()
+    train(fused_model, fused, data)
+    assert_same_weights(reference, fused_model, atol=1e-5)
+    assert not any(p.grad is not None for p in fused_model.parameters())  # freed inside backward
+    assert not torch.equal(reference[0].weight, small_model()[0].weight)  # it did train
+
+
+def test_fused_backward_on_the_tiny_sdxl_unet_matches_the_ordinary_step(tiny_sdxl):
+    """With gradient checkpointing on the fused side: the lowest-memory combination."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_ztsnr.sdxl_architecture import unet_inputs
+
+    reference = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    fused_unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    fused_unet.enable_gradient_checkpointing()  # the hooks also fire for gradients of recomputed blocks
+    config = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    torch.manual_seed(0)
+    inputs = [unet_inputs(config, 1, 64) for _ in range(2)]
+
+    def run(unet, optimizer):
+        for batch in inputs:
+            prediction = unet(
+                batch["latents"],
+                batch["timesteps"],
+                batch["prompt_embeds"],
+                added_cond_kwargs={
+                    "text_embeds": batch["pooled_prompt_embeds"],
+                    "time_ids": batch["time_ids"],
+                },
+            ).sample
+            torch.nn.functional.mse_loss(prediction, batch["latents"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    run(reference, build_optimizer(reference.parameters(), "adamw", 1e-3))
+    run(
+        fused_unet,
+        build_training_optimizer(fused_unet.parameters(), "adamw", 1e-3, fused_backward=True).attach(),
+    )
+    assert_same_weights(reference, fused_unet, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "bf16_update"),
+    [
+        ("adamw", torch.float32, None),
+        ("adafactor", torch.float32, None),
+        ("adafactor", torch.bfloat16, "stochastic"),
+        ("adamw", torch.bfloat16, "kahan"),
+    ],
+)
+def test_fused_backward_resumes_exactly(name, dtype, bf16_update):
+    data = batches(6)
+    model = small_model(dtype=dtype)
+    optimizer = FusedBackward(model.parameters(), make(name), bf16_update=bf16_update, seed=3).attach()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    for batch in data[:3]:
+        train(model, optimizer, [batch])
+        scheduler.step()
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved_scheduler = scheduler.state_dict()
+    for batch in data[3:]:
+        train(model, optimizer, [batch])
+        scheduler.step()
+
+    resumed = small_model(seed=9, dtype=dtype)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = FusedBackward(resumed.parameters(), make(name), bf16_update=bf16_update, seed=3)
+    resumed_scheduler = torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, lambda step: 1.0 / (1 + step))
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    resumed_scheduler.load_state_dict(saved_scheduler)
+    resumed_optimizer.attach()
+    for batch in data[3:]:
+        train(resumed, resumed_optimizer, [batch])
+        resumed_scheduler.step()
+    assert_same_weights(model, resumed, atol=0.0)
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 7)
+
+
+def test_scheduler_drives_every_parameters_learning_rate():
+    optimizer = FusedBackward(small_model().parameters(), make("adafactor", lr=1.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert [inner.param_groups[0]["lr"] for inner in optimizer.optimizers] == [0.125] * len(
+        optimizer.optimizers
+    )
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_a_nonfinite_gradient_skips_that_parameter_and_is_counted(name):
+    model = small_model()
+    optimizer = FusedBackward(model.parameters(), make(name)).attach()
+    train(model, optimizer, batches(2))  # state exists from here
+    assert optimizer.pop_nonfinite_flag().item() == 0.0
+    before = copy.deepcopy(model.state_dict())
+    state_before = copy.deepcopy(optimizer.optimizers[0].state_dict())
+    poison = model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    train(model, optimizer, batches(1, seed=5))
+    poison.remove()
+    assert torch.equal(model[0].weight, before["0.weight"])  # skipped, state too
+    inner_state = optimizer.optimizers[0].state_dict()["state"][0]
+    for key, value in state_before["state"][0].items():
+        if torch.is_tensor(value):
+            assert torch.equal(inner_state[key], value), key
+    assert not torch.equal(model[4].weight, before["4.weight"])  # the others trained
+    assert optimizer.skipped_updates.item() == 1
+    assert optimizer.pop_nonfinite_flag().item() == 1.0
+    assert optimizer.pop_nonfinite_flag().item() == 0.0
+    train(model, optimizer, batches(1, seed=6))
+    assert bool(torch.isfinite(model[0].weight).all())
+
+
+def test_a_nonfinite_first_update_leaves_no_state():
+    model = small_model()
+    optimizer = FusedBackward(model.parameters(), make("adafactor")).attach()
+    before = model[0].weight.detach().clone()
+    poison = model[0].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    train(model, optimizer, batches(1))
+    poison.remove()
+    assert torch.equal(model[0].weight, before)
+    assert not optimizer.optimizers[0].state
+    train(model, optimizer, batches(1, seed=3))
+    assert bool(torch.isfinite(model[0].weight).all()) and not torch.equal(model[0].weight, before)
+
+
+def test_per_parameter_clipping_bounds_each_update():
+    model = small_model()
+    start = copy.deepcopy(model.state_dict())
+    sgd = functools.partial(torch.optim.SGD, lr=1.0)  # the update is the clipped gradient itself
+    FusedBackward(model.parameters(), sgd, max_grad_norm_per_param=1e-3).attach()
+    x, y = batches(1)[0]
+    torch.nn.functional.mse_loss(model(x * 100), y).backward()  # large gradients
+    for name, p in model.named_parameters():
+        assert (p.detach() - start[name]).norm().item() <= 1e-3 * (1 + 1e-4), name
+    assert fused_backward_clipping_note(1.0) is not None and "each parameter" in fused_backward_clipping_note(
+        1.0
+    )
+    assert fused_backward_clipping_note(0.0) is None
+
+
+def test_bf16_weights_train_with_the_ordinary_step():
+    model = small_model(dtype=torch.bfloat16)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = build_training_optimizer(model.parameters(), "adafactor", 1e-2, bf16_update="stochastic")
+    assert isinstance(optimizer, PerParameterOptimizer) and not isinstance(optimizer, FusedBackward)
+    train(model, optimizer, batches(2))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # Inner state stays fp32 although the weights are bf16.
+    state = optimizer.optimizers[-2].state[optimizer.shadows[-2]]
+    assert state["exp_avg_sq_row"].dtype == torch.float32
+
+
+def test_plain_optimizer_when_no_thrift_is_asked_for():
+    optimizer = build_training_optimizer(small_model().parameters(), "adamw", 1e-3)
+    assert type(optimizer) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "processes", "precision", "match"),
+    [(4, 1, "bf16", "gradient_accumulation_steps 1"), (1, 2, "bf16", "DDP"), (1, 1, "fp16", "bf16")],
+)
+def test_fused_backward_refuses_what_it_cannot_do(accumulation, processes, precision, match):
+    with pytest.raises(ValueError, match=match):
+        check_fused_backward(accumulation, processes, precision)
+
+
+def test_fused_backward_accepts_one_process_without_accumulation():
+    check_fused_backward(1, 1, "bf16")
+    check_fused_backward(1, 1, "no")
+
+
+def test_resume_with_other_trainable_parameters_is_refused():
+    optimizer = FusedBackward(small_model().parameters(), make("adamw"))
+    smaller = FusedBackward(list(small_model().parameters())[:2], make("adamw"))
+    with pytest.raises(ValueError, match="same trainable parameters"):
+        smaller.load_state_dict(optimizer.state_dict())
+
+
+def test_fused_backward_under_accelerate_resumes_from_save_state(tmp_path):
+    """The trainer's path: accelerate.prepare(model, optimizer, scheduler), save_state, load_state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(resume_from=None, save_to=None):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        model = small_model(dtype=torch.bfloat16)
+        optimizer = build_training_optimizer(
+            model.parameters(), "adafactor", 1e-2, fused_backward=True, bf16_update="stochastic", seed=1
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        optimizer.optimizer.attach()
+        data = batches(4)
+        if resume_from:
+            accelerator.load_state(resume_from)
+            data = data[2:]
+        for index, batch in enumerate(data):
+            train(model, optimizer, [batch])
+            scheduler.step()
+            if save_to and index == 1:
+                accelerator.save_state(save_to)
+        return model, optimizer
+
+    unbroken, optimizer = run(save_to=tmp_path / "state")
+    resumed, resumed_optimizer = run(resume_from=tmp_path / "state")
+    assert_same_weights(unbroken, resumed, atol=0.0)
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    assert optimizer.optimizer.skipped_updates.item() == 0
