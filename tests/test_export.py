@@ -24,6 +24,7 @@ from sdxl_ztsnr.export import (
     vae_to_original_state_dict,
 )
 from sdxl_ztsnr.schedule import scheduler_config
+from sdxl_ztsnr.sdxl_architecture import SDXL_UNET
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Per-channel latent statistics in the VAE-config convention (what save_pipeline takes), far from (0, 1).
@@ -95,18 +96,7 @@ def test_unet_table_matches_sdxl_layout_on_real_config():
     from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        unet = UNet2DConditionModel(**SDXL_UNET)
     original = unet_to_original_state_dict(unet.state_dict())
     assert len(original) == len(unet.state_dict()) == 1680  # SDXL base 1.0 has 1680 UNet tensors
     for key, shape in {

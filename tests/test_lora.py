@@ -20,6 +20,7 @@ from sdxl_ztsnr.lora import (
     lora_modules,
     save_lora,
 )
+from sdxl_ztsnr.sdxl_architecture import SDXL_UNET
 
 ATTENTION_PROJECTION = re.compile(
     r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
@@ -117,18 +118,7 @@ def test_kohya_names_on_the_real_sdxl_layout_and_diffusers_maps_them_back():
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        unet = UNet2DConditionModel(**SDXL_UNET)
     add_lora(unet, rank=32, alpha=16)
     assert len(lora_modules(unet)) == 560
     state = kohya_lora_state_dict(unet)
