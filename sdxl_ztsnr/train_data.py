@@ -322,14 +322,13 @@ def split_rows(
     limit = min(validation_rows, num_rows // 10)
     if limit == 0:
         return np.arange(num_rows, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if isinstance(column, pa.ChunkedArray):
+        # One array first: dictionary-encoding a chunked array gives every chunk the dictionary of all values
+        # seen so far (quadratic memory over a cache's hundreds of shards).
+        column = column.combine_chunks()
     encoded = pc.dictionary_encode(column)
-    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
-    dictionary = chunks[0].dictionary if chunks else pa.array([], pa.string())
-    # chunks of a ChunkedArray share one dictionary after unify_dictionaries
-    if len(chunks) > 1:
-        encoded = encoded.unify_dictionaries()
-        chunks, dictionary = encoded.chunks, encoded.chunks[0].dictionary
-    image_of_row = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+    dictionary = encoded.dictionary
+    image_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     # An image has at least one row, so `limit` images are enough candidates; draw them without a full shuffle.
     candidates = random.Random(seed).sample(range(len(dictionary)), min(len(dictionary), limit))
     rows_of = np.bincount(image_of_row, minlength=len(dictionary))
