@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -352,12 +353,97 @@ def finish_only(args, accelerator, vae, evaluation, plan: lifecycle.RunPlan, sta
     return {"step": plan.resume_step, "finished_before": True}
 
 
-def main(args: argparse.Namespace) -> dict:
-    from accelerate.utils import set_seed
+@dataclass
+class Training:
+    """What the loop drives: the prepared models and optimizers, the step, the EMA."""
+
+    model: torch.nn.Module
+    lr_scheduler: object
+    step: vae_training.VaeStep
+    trainable: list
+    ema: object = None
+
+
+def build_training(args, accelerator, vae, lpips_model, max_steps: int) -> Training:
+    """The decoder side only unless --train_encoder; AdamW, lr schedule, EMA; a discriminator for the GAN term."""
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     from sdxl_ztsnr.training import build_optimizer
+
+    trainable = vae_training.select_trainable(vae, args.train_encoder)
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    vae.train()
+    model = vae_training.Reconstructor(vae, args.train_encoder, args.latents == "sample")
+    name = "adamw8bit" if args.use_8bit_adam else "adamw"
+    adam = (
+        (args.adam_beta1, args.adam_beta2),
+        args.adam_weight_decay,
+        args.adam_epsilon,
+        accelerator.device.type,
+    )
+    optimizer = build_optimizer(trainable, name, args.learning_rate, *adam)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
+    )
+    ema = make_ema(args, accelerator, trainable)
+    # The VAE first: checkpoints then hold it as model 0 whether or not a discriminator follows (finish_only).
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    disc = disc_optimizer = None
+    if args.gan_start_step is not None:
+        disc = vae_training.PatchDiscriminator(3, args.disc_channels, args.disc_layers)
+        disc_optimizer = build_optimizer(
+            disc.parameters(), name, args.disc_learning_rate or args.learning_rate, *adam
+        )
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    if args.enable_compile:
+        model = compile_or_eager(model, accelerator.device, args.compile_mode)
+    settings = vae_training.VaeLossSettings(
+        args.loss,
+        args.perceptual_weight,
+        args.kl_weight if args.train_encoder else 0.0,
+        args.gan_weight,
+        args.gan_start_step,
+    )
+    clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    step = vae_training.VaeStep(
+        accelerator, model, optimizer, settings, lpips_model, disc, disc_optimizer, clip_norm
+    )
+    return Training(model, lr_scheduler, step, trainable, ema)
+
+
+class RunningLogs:
+    """Sums of the step's logs on the device (no host sync per step), averaged over what each window saw."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+        self.started = time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            value = torch.nan_to_num(value, nan=0.0, posinf=0.0)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] += 1
+
+    def flush(self, accelerator, samples_per_micro_batch: int) -> dict[str, float]:
+        """Means over this window and all processes ("skipped": the count of skipped updates); then clear."""
+        keys = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[k] for k in keys]), "mean").tolist()
+        logs = {k: m if k == "skipped" else m / self.counts[k] for k, m in zip(keys, means, strict=True)}
+        logs["samples_per_s"] = (
+            self.counts["loss"] * samples_per_micro_batch / (time.perf_counter() - self.started)
+        )
+        self.clear()
+        return logs
+
+
+def main(args: argparse.Namespace) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(
@@ -398,22 +484,16 @@ def main(args: argparse.Namespace) -> dict:
         args.dataloader_num_workers,
         args.max_image_pixels or vae_data.DEFAULT_MAX_PIXELS,
     )
-    sampler = vae_data.CropBatchSampler(
-        len(data.indices),
-        args.train_batch_size,
-        args.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    sampler = vae_data.CropBatchSampler(len(data.indices), args.train_batch_size, args.seed, rank, processes)
     accumulation = args.gradient_accumulation_steps
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
     # Evaluation (main process): held-out crops and the starting VAE's metrics, before any weight changes.
     evaluation = None
     if accelerator.is_main_process:
-        crops = vae_data.held_out_crops(
-            images, [scan.usable[i] for i in held_pos], args.crop_size, data.max_pixels
-        )
+        held = [scan.usable[i] for i in held_pos]
+        crops = vae_data.held_out_crops(images, held, args.crop_size, data.max_pixels)
         evaluation = Evaluation(crops, lpips_model, accelerator.device, accelerator.autocast)
     if plan.finished_at(max_steps):
         return finish_only(args, accelerator, vae, evaluation, plan, starting_config)
@@ -421,46 +501,7 @@ def main(args: argparse.Namespace) -> dict:
         report_skipped(args.output_dir, scan, len(images))
         evaluation.measure_start(vae.to(accelerator.device))
 
-    # Model, optimizers: the decoder side only unless --train_encoder; a discriminator for the GAN term.
-    trainable = vae_training.select_trainable(vae, args.train_encoder)
-    if args.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    vae.train()
-    model = vae_training.Reconstructor(vae, args.train_encoder, args.latents == "sample")
-    optimizer_name = "adamw8bit" if args.use_8bit_adam else "adamw"
-    betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = build_optimizer(
-        trainable, optimizer_name, args.learning_rate, betas, args.adam_weight_decay, args.adam_epsilon,
-        accelerator.device.type,
-    )  # fmt: skip
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
-    )
-    ema = make_ema(args, accelerator, trainable)
-    disc = disc_optimizer = None
-    if args.gan_start_step is not None:
-        disc = vae_training.PatchDiscriminator(3, args.disc_channels, args.disc_layers)
-        disc_optimizer = build_optimizer(
-            disc.parameters(), optimizer_name, args.disc_learning_rate or args.learning_rate, betas,
-            args.adam_weight_decay, args.adam_epsilon, accelerator.device.type,
-        )  # fmt: skip
-    # The VAE first: checkpoints then hold it as model 0 whether or not a discriminator follows (finish_only).
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    if disc is not None:
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-    if args.enable_compile:
-        model = compile_or_eager(model, accelerator.device, args.compile_mode)
-    settings = vae_training.VaeLossSettings(
-        args.loss,
-        args.perceptual_weight,
-        args.kl_weight if args.train_encoder else 0.0,
-        args.gan_weight,
-        args.gan_start_step,
-    )
-    clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-    step_fn = vae_training.VaeStep(
-        accelerator, model, optimizer, settings, lpips_model, disc, disc_optimizer, clip_norm
-    )
+    training = build_training(args, accelerator, vae, lpips_model, max_steps)
 
     # Resume: weights, optimizers, lr schedule, EMA, the position in the image order, the validation history.
     global_step, position = 0, DataPosition()
@@ -484,7 +525,7 @@ def main(args: argparse.Namespace) -> dict:
         )
     logger.info(
         "%d training images, %d held out, %d trainable parameters, %d global batches of %d per epoch, %d steps",
-        len(data.indices), len(held_pos), vae_training.count_parameters(trainable), len(sampler),
+        len(data.indices), len(held_pos), vae_training.count_parameters(training.trainable), len(sampler),
         sampler.global_batch_size, max_steps,
     )  # fmt: skip
 
@@ -492,46 +533,42 @@ def main(args: argparse.Namespace) -> dict:
         total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     stream = data.stream(sampler, accelerator.device, position, global_step * accumulation)
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-    counts: dict[str, int] = defaultdict(int)
-    log_time, metrics = time.perf_counter(), {}
+    running, metrics = RunningLogs(), {}
     while global_step < max_steps:
-        gan_active = settings.gan_active(global_step)
+        gan_active = training.step.settings.gan_active(global_step)
         for _ in range(accumulation):  # one optimizer update
             position, batch = next(stream)
-            for key, value in step_fn(batch, gan_active).items():
-                sums[key] += torch.nan_to_num(value, nan=0.0, posinf=0.0)
-                counts[key] += 1
-        lr_scheduler.step()
+            running.add(training.step(batch, gan_active))
+        training.lr_scheduler.step()
         global_step += 1
-        if ema is not None:
-            ema.update(global_step, force=global_step == max_steps)
+        if training.ema is not None:
+            training.ema.update(global_step, force=global_step == max_steps)
         progress.update(1)
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
-            keys = sorted(sums)
-            means = accelerator.reduce(torch.stack([sums[k] for k in keys]), "mean").tolist()
             logs = {
-                k: (m * (1 if k == "skipped" else 1 / counts[k])) for k, m in zip(keys, means, strict=True)
+                **running.flush(accelerator, sampler.global_batch_size),
+                "lr": training.lr_scheduler.get_last_lr()[0],
             }
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
-            logs["samples_per_s"] = (
-                counts["loss"] * sampler.global_batch_size / (time.perf_counter() - log_time)
-            )
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            sums.clear()
-            counts.clear()
-            log_time = time.perf_counter()
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
             save_checkpoint(args, accelerator, global_step, position, plan.run_id, evaluation)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
-            metrics = run_validation(args, accelerator, model, ema, evaluation, global_step)
+            metrics = run_validation(args, accelerator, training.model, training.ema, evaluation, global_step)
 
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, model, ema, evaluation, global_step)
+    metrics = run_validation(args, accelerator, training.model, training.ema, evaluation, global_step)
     save_outputs(
-        args, accelerator, model, ema, evaluation, metrics, global_step, plan.run_id, starting_config
+        args,
+        accelerator,
+        training.model,
+        training.ema,
+        evaluation,
+        metrics,
+        global_step,
+        plan.run_id,
+        starting_config,
     )
     accelerator.wait_for_everyone()
     accelerator.end_training()
