@@ -215,6 +215,13 @@ def test_resumed_run_equals_an_unbroken_one(vae_args, tmp_path):
     ema, raw = weights(unbroken), weights(unbroken / "raw_weights")
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("decoder."))
 
+    # outputs lost after the last checkpoint of a GAN + EMA run: a requeue writes the same ones again
+    (resumed / "outputs.json").unlink()
+    (resumed / "diffusion_pytorch_model.safetensors").unlink()
+    assert run(vae_args(resumed, *extra, "--resume_from_checkpoint", "latest"))["finished_before"]
+    again = weights(resumed)
+    assert all(torch.equal(again[k], ema[k]) for k in ema)
+
 
 def test_bad_images_are_skipped_and_listed_and_compile_falls_back(
     demo_data, vae_args, tmp_path, monkeypatch, caplog

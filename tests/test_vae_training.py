@@ -264,6 +264,27 @@ def test_held_out_split_takes_whole_images_within_limits():
         vae_data.split_held_out(1, 8, seed=0)
 
 
+def test_dataset_images_are_scanned_like_folders(demo_data, tmp_path):
+    import datasets
+
+    good = [p.read_bytes() for p in sorted(demo_data.glob("*.png"))[:3]]
+    rows = [{"bytes": b, "path": None} for b in good] + [
+        {"bytes": good[0][: len(good[0]) // 2], "path": None}
+    ]
+    dataset = datasets.Dataset.from_dict({"image": rows, "text": ["a"] * 4}).cast_column(
+        "image", datasets.Image()
+    )
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    images = vae_data.DatasetImages(str(tmp_path / "ds"))
+    scan = vae_data.scan_images(images)
+    assert scan.usable == [0, 1, 2] and all(min(s) > 0 for s in scan.sizes)
+    (skipped,) = scan.skipped
+    assert skipped["path"] == f"{tmp_path / 'ds'}[3]" and skipped["kind"] == "corrupt image"
+    assert str(tmp_path / "ds") + "[3]" in skipped["path"] and ".img" not in skipped["reason"]
+    with pytest.raises(ValueError, match="--image_column 'picture'"):
+        vae_data.DatasetImages(str(tmp_path / "ds"), image_column="picture")
+
+
 def test_scans_of_ranks_merge_into_one_sorted_list():
     a = vae_data.ImageScan([0, 2], [(10, 10), (12, 12)], [{"path": "b", "reason": "x", "kind": "other"}])
     b = vae_data.ImageScan([1], [(11, 11)], [{"path": "a", "reason": "y", "kind": "other"}])
