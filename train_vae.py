@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr import checkpointing, lifecycle, vae_data, vae_metrics, vae_training
-from sdxl_ztsnr.launch import compile_or_eager, make_accelerator
+from sdxl_ztsnr.launch import compile_or_eager, init_trackers, make_accelerator
 from sdxl_ztsnr.train_data import DataPosition
 from sdxl_ztsnr.vae_outputs import install_finetuned_vae, save_vae, vae_model_card
 
@@ -517,12 +517,8 @@ def main(args: argparse.Namespace) -> dict:
             evaluation.history = state.get("history", [])
         logger.info("resumed run %s from %s at step %d", plan.run_id, plan.resume, global_step)
     accelerator.step = 0  # checkpoints sit on update boundaries: the next micro-batch starts a cycle
-    if accelerator.is_main_process:
-        accelerator.init_trackers(
-            args.wandb_project if "wandb" in args.report_to else "sdxl_vae",
-            config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
-            init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {},
-        )
+    project = args.wandb_project if "wandb" in args.report_to else "sdxl_vae"
+    init_trackers(accelerator, project, vars(args), args.wandb_run_name)
     logger.info(
         "%d training images, %d held out, %d trainable parameters, %d global batches of %d per epoch, %d steps",
         len(data.indices), len(held_pos), vae_training.count_parameters(training.trainable), len(sampler),

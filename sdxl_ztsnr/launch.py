@@ -82,3 +82,13 @@ def compile_or_eager(module: torch.nn.Module, device: torch.device | str, mode: 
         logger.warning("--enable_compile: torch.compile does not work here (%s); running eager", problem)
         return module
     return torch.compile(module, mode=mode)
+
+
+def init_trackers(accelerator, project: str, options: dict, run_name: str | None = None) -> None:
+    """Start the trackers on the main process with the run's scalar options as config (wandb: ``run_name``)."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(
+            project,
+            config={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
+            init_kwargs={"wandb": {"name": run_name}} if run_name else {},
+        )

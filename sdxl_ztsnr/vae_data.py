@@ -26,31 +26,28 @@ import torch
 from PIL import Image
 
 from sdxl_ztsnr.cache import SKIPPED_FILE, skip_kind
-from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, find_images, load_image
+from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, load_image
 from sdxl_ztsnr.keyed_random import sample_seed
 from sdxl_ztsnr.train_data import BucketBatchSampler, DataPosition
 
 
 class FolderImages:
-    """Images under ``root`` (recursive, any caption or none); source = path under root."""
+    """Images under ``root`` (recursive; a caption beside them is not needed); source = path under root."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.paths = find_images(self.root)
-        if not self.paths:
-            raise ValueError(
-                f"--train_data_dir {self.root}: no .png/.jpg/.jpeg/.webp images found (recursive)"
-            )
+        from sdxl_ztsnr.precompute import FolderInputs
+
+        self.inputs = FolderInputs(root)  # its listing and its "no images found" error
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.inputs)
 
     def source(self, index: int) -> str:
-        return self.paths[index].relative_to(self.root).as_posix()
+        return self.inputs.source(index)
 
     def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """The RGB image; raises BadInputError naming the file."""
-        return load_image(self.paths[index], max_pixels=max_pixels)
+        return load_image(self.inputs.paths[index], max_pixels=max_pixels)
 
 
 def decode_image_cell(value, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -76,38 +73,22 @@ class DatasetImages:
     """The image column of a Hugging Face dataset (Hub name, load_dataset path, or a save_to_disk directory)."""
 
     def __init__(self, name: str, image_column: str = "image", split: str = "train"):
-        import datasets
+        from sdxl_ztsnr.precompute import DatasetInputs
 
-        self.name = name
-        path = Path(name)
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            dataset = datasets.load_from_disk(name)
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise ValueError(f"--dataset_name {name}: no split {split!r}; it has {list(dataset)}")
-                dataset = dataset[split]
-        else:
-            dataset = datasets.load_dataset(name, split=split)
-        if image_column not in dataset.column_names:
-            raise ValueError(
-                f"--image_column {image_column!r} is not a column of {name}; columns: {dataset.column_names}"
-            )
-        dataset = dataset.select_columns([image_column])
-        if isinstance(dataset.features[image_column], datasets.Image):
-            # Decode ourselves, so a bad image becomes a skipped row instead of an exception inside datasets.
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        if len(dataset) == 0:
-            raise ValueError(f"--dataset_name {name}: the dataset (split {split!r}) has no rows")
-        self.dataset, self.image_column = dataset, image_column
+        # precompute's loading, split and column checks; captions are never read here, so the caption
+        # check is pointed at the image column (a dataset of images alone is fine).
+        self.inputs = DatasetInputs(name, image_column, caption_column=image_column, split=split)
+        self.image_column = image_column
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.inputs)
 
     def source(self, index: int) -> str:
-        return f"{self.name}[{index}]"
+        return self.inputs.source(index)
 
     def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-        return decode_image_cell(self.dataset[index][self.image_column], self.source(index), max_pixels)
+        cell = self.inputs.dataset[index][self.image_column]
+        return decode_image_cell(cell, self.source(index), max_pixels)
 
 
 ImageSource = FolderImages | DatasetImages
