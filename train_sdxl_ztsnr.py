@@ -17,13 +17,12 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from sdxl_ztsnr import checkpointing, export, lifecycle
+from sdxl_ztsnr import checkpointing, export, launch, lifecycle
 from sdxl_ztsnr.attention import ATTENTION_BACKENDS, attention_context, configure_attention
 from sdxl_ztsnr.console import UserError, loading_model
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
@@ -55,12 +54,6 @@ from sdxl_ztsnr.training import training_loss
 from sdxl_ztsnr.validation import fixed_validation_loss, image_grid, log_images, sample_images
 
 logger = logging.getLogger("train_sdxl_ztsnr")
-
-# Flags of stages that are not part of this script yet: stop at once rather than ignore them.
-NOT_BUILT = {
-    "finetune_vae": "VAE decoder fine-tuning is train_vae.py's job, which is not built yet; drop --finetune_vae",
-    "vae_learning_rate": "--vae_learning_rate belongs to VAE fine-tuning (train_vae.py, not built yet)",
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -331,13 +324,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     logs.add_argument("--push_to_hub", action="store_true")
     logs.add_argument("--hub_model_id", default=None)
     logs.add_argument("--hub_token", default=None, help="or log in with `huggingface-cli login`")
-    for name in NOT_BUILT:
-        parser.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    vae = parser.add_argument_group("VAE decoder stage (train_vae.py, after the UNet, on the same images)")
+    vae.add_argument(
+        "--finetune_vae",
+        action="store_true",
+        help="then fine-tune the VAE decoder (encoder frozen: latents stay valid) into OUTPUT_DIR/vae and the "
+        "single file",
+    )
+    vae.add_argument("--vae_learning_rate", type=float, default=None, help="default: train_vae.py's (1e-5)")
+    vae.add_argument("--vae_max_train_steps", type=int, default=None, help="default: one epoch of the images")
+    vae.add_argument(
+        "--vae_perceptual_weight", type=float, default=0.1, help="LPIPS weight (0: MSE only, no download)"
+    )
+    vae.add_argument(
+        "--_lpips_random_backbone", action="store_true", help=argparse.SUPPRESS
+    )  # tests: offline
     args = parser.parse_args(argv)
 
-    for name, message in NOT_BUILT.items():
-        if getattr(args, name) is not None:
-            parser.error(message)
+    if (args.vae_learning_rate is not None or args.vae_max_train_steps) and not args.finetune_vae:
+        parser.error("--vae_learning_rate and --vae_max_train_steps are for the --finetune_vae stage")
+    if args.finetune_vae and not args.train_data_dir:
+        parser.error(
+            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents)"
+        )
     if args.enable_amp and args.mixed_precision is None:
         args.mixed_precision = "bf16"
     args.mixed_precision = args.mixed_precision or "no"
@@ -362,32 +371,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_accelerator(args: argparse.Namespace):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    project = ProjectConfiguration(
-        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    return launch.make_accelerator(
+        args.output_dir,
+        args.logging_dir,
+        args.mixed_precision,
+        args.gradient_accumulation_steps,
+        args.report_to,
     )
-    report_to = None if args.report_to == "none" else args.report_to
-    # Several processes without CUDA: accelerate sets up gloo only when the FIRST accelerate object of the
-    # process asks for the CPU (the shared state is fixed by it; precompute's PartialState then agrees).
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        cpu=launched > 1 and not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=project,
-        # The lr schedule advances once per optimizer update whatever the process count, so a checkpoint
-        # resumes on another number of processes with the same learning rate.
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.num_processes != launched:
-        raise SystemExit(
-            f"error: launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
-            "check the launcher (accelerate launch --num_processes N)"
-        )
-    return accelerator
 
 
 def precompute_raw_data(args: argparse.Namespace) -> Path:
@@ -667,14 +657,67 @@ def save_outputs(
     # Readable per the user's umask (safetensors writes 0600): a UI running as another user can load the model.
     export.apply_umask([p for p in out.iterdir() if p.name != "cache"])
     lifecycle.mark_outputs_complete(out, run_id, step)
-    if args.push_to_hub:
-        from sdxl_ztsnr.hub import DEFAULT_IGNORE_PATTERNS, push_to_hub
 
-        # A cache given with --precomputed_dir inside OUTPUT_DIR is no part of the model either.
-        ignore = list(DEFAULT_IGNORE_PATTERNS)
-        if args.precomputed_dir and Path(args.precomputed_dir).resolve().is_relative_to(out.resolve()):
-            ignore.append(Path(args.precomputed_dir).resolve().relative_to(out.resolve()).as_posix() + "/")
-        push_to_hub(out, args.hub_model_id or name, token=args.hub_token, ignore_patterns=ignore)
+
+def publish(args: argparse.Namespace, accelerator) -> None:
+    """--push_to_hub: the model repo gets the outputs, never the cache, checkpoints or the VAE stage's run."""
+    if not (args.push_to_hub and accelerator.is_main_process):
+        return
+    from sdxl_ztsnr.hub import DEFAULT_IGNORE_PATTERNS, push_to_hub
+
+    out = Path(args.output_dir)
+    ignore = list(DEFAULT_IGNORE_PATTERNS)
+    # A cache given with --precomputed_dir inside OUTPUT_DIR is no part of the model either.
+    if args.precomputed_dir and Path(args.precomputed_dir).resolve().is_relative_to(out.resolve()):
+        ignore.append(Path(args.precomputed_dir).resolve().relative_to(out.resolve()).as_posix() + "/")
+    push_to_hub(out, args.hub_model_id or out.resolve().name, token=args.hub_token, ignore_patterns=ignore)
+
+
+def check_vae_stage(args: argparse.Namespace) -> None:
+    """--finetune_vae: fail at start-up, not after the UNet stage, when LPIPS cannot be loaded (offline)."""
+    if not args.finetune_vae or args.vae_perceptual_weight == 0:
+        return
+    from sdxl_ztsnr.vae_training import LpipsWeightsMissing, load_lpips
+
+    try:
+        load_lpips("vgg", random_backbone=args._lpips_random_backbone)
+    except LpipsWeightsMissing as error:
+        message = str(error).replace("--perceptual_weight", "--vae_perceptual_weight")
+        raise UserError(f"--finetune_vae: {message}") from None
+
+
+def run_vae_stage(args: argparse.Namespace) -> dict:
+    """--finetune_vae: train_vae.py on the same images, its decoder then put into the pipeline and single file.
+
+    Runs on every process, after the UNet's outputs are written; requeue-safe (it resumes its own run in
+    OUTPUT_DIR/vae_finetune, and a finished one only installs its decoder again).
+    """
+    if not args.finetune_vae:
+        return {}
+    import train_vae
+
+    argv = ["--train_data_dir", args.train_data_dir, "--train_batch_size", str(args.train_batch_size)]
+    argv += [
+        "--mixed_precision",
+        args.mixed_precision,
+        "--seed",
+        str(args.seed),
+        "--report_to",
+        args.report_to,
+    ]
+    argv += ["--perceptual_weight", str(args.vae_perceptual_weight), "--resume_from_checkpoint", "latest"]
+    argv += ["--dataloader_num_workers", str(args.dataloader_num_workers)]
+    if args.vae_learning_rate is not None:
+        argv += ["--learning_rate", str(args.vae_learning_rate)]
+    if args.vae_max_train_steps:
+        argv += ["--max_train_steps", str(args.vae_max_train_steps)]
+    for flag in ("enable_compile", "overwrite_output_dir", "_lpips_random_backbone"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    out = Path(args.output_dir)
+    single_file = None if args.no_single_file else out / f"{out.resolve().name}.safetensors"
+    logger.info("--finetune_vae: fine-tuning the VAE decoder on %s", args.train_data_dir)
+    return train_vae.finetune_pipeline_vae(out, argv, single_file)
 
 
 def save_model(args, unet, data: TrainingRows, out: Path, name: str) -> None:
@@ -792,6 +835,9 @@ def finish_only(
         save_outputs(args, accelerator, weights, unet, data, {}, plan.resume_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    run_vae_stage(args)
+    if not plan.outputs_complete:
+        publish(args, accelerator)
     return {"step": plan.resume_step, "skipped_steps": 0, "finished_before": True}
 
 
@@ -811,6 +857,7 @@ def main(args: argparse.Namespace) -> dict:
     plan = lifecycle.plan_run_on_all_ranks(
         accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir
     )
+    check_vae_stage(args)
 
     # Data: the latent cache (built here from raw images if needed), global batches of one bucket each.
     data = load_training_data(args, accelerator)
@@ -842,7 +889,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer.optimizer.attach()  # after prepare: the hooks sit on the parameters that train
     weights.register_checkpoint_hooks(accelerator)
     if args.enable_compile:
-        unet = torch.compile(unet, mode=args.compile_mode)
+        unet = launch.compile_or_eager(unet, accelerator.device, args.compile_mode)
     # --max_grad_norm 0 (kohya's "no clipping"): the norm is still computed, to catch non-finite steps.
     clip_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
@@ -939,13 +986,19 @@ def main(args: argparse.Namespace) -> dict:
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
             metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
 
+    progress.close()
     accelerator.wait_for_everyone()
     metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
     save_outputs(args, accelerator, weights, unet, data, metrics, global_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()
-    return {"step": global_step, "skipped_steps": bad_total.item(), **metrics}
+    result = {"step": global_step, "skipped_steps": bad_total.item(), **metrics}
+    del unet, optimizer, weights  # the VAE stage gets the accelerator's memory
+    accelerator.free_memory()
+    vae_metrics = run_vae_stage(args)
+    publish(args, accelerator)
+    return {**result, **{f"vae_{k}": v for k, v in vae_metrics.items() if isinstance(v, (int, float))}}
 
 
 if __name__ == "__main__":

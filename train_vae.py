@@ -368,7 +368,7 @@ def build_training(args, accelerator, vae, lpips_model, max_steps: int) -> Train
     """The decoder side only unless --train_encoder; AdamW, lr schedule, EMA; a discriminator for the GAN term."""
     from diffusers.optimization import get_scheduler
 
-    from sdxl_ztsnr.training import build_optimizer
+    from sdxl_ztsnr.optimizers import build_optimizer
 
     trainable = vae_training.select_trainable(vae, args.train_encoder)
     if args.gradient_checkpointing:

@@ -15,6 +15,7 @@ from huggingface_hub.utils import filter_repo_objects
 # paths relative to the folder; a trailing "/" means "everything below".
 DEFAULT_IGNORE_PATTERNS = (
     "cache/",
+    "vae_finetune/",
     "outputs.json",
     "checkpoint-*",
     "*/checkpoint-*",

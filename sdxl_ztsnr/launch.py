@@ -76,7 +76,14 @@ def compile_problem(device: torch.device | str) -> str | None:
 
 
 def compile_or_eager(module: torch.nn.Module, device: torch.device | str, mode: str = "default"):
-    """``torch.compile(module)`` where compiling works; else ONE log line and the module as it is (eager)."""
+    """``torch.compile(module)`` where compiling works and pays; else ONE log line and the module as it is.
+
+    On the CPU it does not pay: inductor's C++ build of a UNet takes many minutes (over ten for the toy UNet on a
+    small machine) for a training step that is slow anyway, so --enable_compile runs eager there.
+    """
+    if torch.device(device).type == "cpu":
+        logger.warning("--enable_compile: torch.compile is for GPUs; on the CPU the model runs eager")
+        return module
     problem = compile_problem(device)
     if problem is not None:
         logger.warning("--enable_compile: torch.compile does not work here (%s); running eager", problem)

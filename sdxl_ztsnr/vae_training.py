@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sdxl_ztsnr.training import clear_nonfinite_mark, mark_nonfinite_step
+from sdxl_ztsnr.optimizers import clear_nonfinite_mark, clip_and_check_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +253,7 @@ class VaeStep:
     def _optimizer_step(self, optimizer, params: list[nn.Parameter]) -> torch.Tensor:
         found_inf = torch.zeros((), device=self.accelerator.device)
         if self.accelerator.sync_gradients:
-            grad_norm = self.accelerator.clip_grad_norm_(params, self.clip_norm)
-            found_inf = mark_nonfinite_step(optimizer, grad_norm)
+            found_inf = clip_and_check_gradients(self.accelerator, optimizer, params, self.clip_norm)
         optimizer.step()
         clear_nonfinite_mark(optimizer)
         optimizer.zero_grad(set_to_none=True)

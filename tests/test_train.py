@@ -222,11 +222,15 @@ def test_seed_flags_from_the_old_readme_parse():
     assert mixed.mixed_precision == "bf16"
 
 
-@pytest.mark.parametrize("flag", [["--finetune_vae"], ["--vae_learning_rate", "1e-5"]])
-def test_flags_of_stages_not_built_stop_at_once(flag, capsys):
+def test_vae_stage_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
-        train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", *flag])
-    assert "train_vae.py" in capsys.readouterr().err
+        train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--vae_learning_rate", "1e-5"])
+    assert "--finetune_vae" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_sdxl_ztsnr.parse_args(["--model_path", "m", "--precomputed_dir", "c", "--finetune_vae"])
+    assert "--train_data_dir" in capsys.readouterr().err
+    args = train_sdxl_ztsnr.parse_args(["--model_path", "m", "--data_dir", "d", "--finetune_vae"])
+    assert args.finetune_vae and args.vae_learning_rate is None
 
 
 def test_tag_dropout_without_online_text_switches_to_online_encoding():

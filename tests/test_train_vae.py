@@ -250,7 +250,7 @@ def test_bad_images_are_skipped_and_listed_and_compile_falls_back(
         "not_an_image.webp": "not an image",
         "truncated.png": "corrupt image",
     }
-    assert sum("running eager" in r.getMessage() for r in caplog.records) == 1
+    assert sum("eager" in r.getMessage() for r in caplog.records) == 1  # on the CPU: no compile at all
 
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="no .png/.jpg/.jpeg/.webp images found"):
@@ -343,8 +343,10 @@ def test_two_processes_train_what_one_process_with_the_whole_batch_trains(
 ):
     """Crops, latent noise, LPIPS, the GAN terms and λ (from the global batch's gradients) must not depend on the
     split. lr 1e-4 and ε 1e-6: AdamW's update ≈ lr·sign(g) for |g| ≲ ε turns the last-bit differences of summing
-    a batch in two halves into lr-sized ones (see test_multiprocess.py); the logged losses, which see the data and
-    every draw, must agree to float precision."""
+    a batch in two halves into lr-sized ones (see test_multiprocess.py). The random-init VAE with the adaptive GAN
+    weight (a ratio of gradient norms) amplifies them further: measured here, logged values within 3e-4 relative
+    (λ) and 1.3e-5 (loss) after 4 steps, weights within 1.6e-5 — tolerances 1e-3 and 5e-5 (a different crop,
+    noise draw or split would differ by the whole update)."""
     extra = [
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "0", "--gan_start_step", "1",
         "--disc_channels", "8", "--adam_epsilon", "1e-6", "--learning_rate", "1e-4", "--logging_steps", "1",
@@ -363,13 +365,68 @@ def test_two_processes_train_what_one_process_with_the_whole_batch_trains(
     assert [p.name for p in sorted(two.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
 
     one = tmp_path / "one"
-    run(vae_args(one, *extra, "--train_batch_size", "2"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process: the same kernels' summation order
+    try:
+        run(vae_args(one, *extra, "--train_batch_size", "2"))
+    finally:
+        torch.set_num_threads(threads)
     logged = {name: logged_scalars(tmp_path / name) for name in ("two", "one")}
     assert sorted(logged["two"]["loss"]) == [1, 2, 3, 4] and sorted(logged["two"]["g_loss"]) == [2, 3, 4]
     for tag, values in logged["one"].items():
         for step, value in values.items():
-            assert logged["two"][tag][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (tag, step)
+            assert logged["two"][tag][step] == pytest.approx(value, rel=1e-3, abs=1e-7), (tag, step)
     a, b = weights(two), weights(one)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-5, f"VAEs differ by {worst:.3g}"
+    moved = max((a[k] - weights(start_vae)[k]).abs().max().item() for k in a)
+    assert worst <= 5e-5 < moved / 5, f"VAEs differ by {worst:.3g} (training moved them by {moved:.3g})"
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+
+
+def test_seed_basic_training_command_makes_a_unet_and_a_vae_finetune(tiny_sdxl, demo_data, tmp_path, caplog):
+    """The seed README's "Basic Training" command, as written, plus sizes for a CPU test (and LPIPS offline)."""
+    import logging
+
+    import train_sdxl_ztsnr
+    from sdxl_ztsnr import export
+
+    caplog.set_level(logging.WARNING, logger="sdxl_ztsnr.launch")
+    out = tmp_path / "O"
+    seed_command = [
+        "--model_path", str(tiny_sdxl), "--data_dir", str(demo_data), "--output_dir", str(out),
+        "--learning_rate", "1e-6", "--batch_size", "1", "--enable_compile", "--finetune_vae",
+    ]  # fmt: skip
+    sizes = [
+        "--resolution",
+        "128",
+        "--bucket_step",
+        "32",
+        "--max_train_steps",
+        "2",
+        "--vae_max_train_steps",
+        "2",
+    ]
+    args = train_sdxl_ztsnr.parse_args(
+        [*seed_command, *sizes, "--_lpips_random_backbone", "--report_to", "none"]
+    )
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        result = train_sdxl_ztsnr.main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["step"] == 2
+    compile_lines = [r for r in caplog.records if "--enable_compile" in r.getMessage()]
+    assert compile_lines and all("eager" in r.getMessage() for r in compile_lines)  # one line per stage
+    base_unet, unet = weights(tiny_sdxl / "unet"), weights(out / "unet")
+    assert any(not torch.equal(unet[k], base_unet[k]) for k in unet), "no UNet fine-tune"
+    base_vae, vae = weights(tiny_sdxl / "vae"), weights(out / "vae")
+    assert not torch.equal(vae["decoder.conv_out.weight"], base_vae["decoder.conv_out.weight"]), (
+        "no VAE fine-tune"
+    )
+    assert all(torch.equal(vae[k], base_vae[k]) for k in vae if k.startswith(("encoder.", "quant_conv.")))
+    packed = load_file(str(out / "O.safetensors"))  # the single file carries the fine-tuned decoder
+    for key, tensor in export.vae_to_original_state_dict(vae).items():
+        assert torch.equal(packed[key], tensor.half()), key
+    assert "## VAE decoder fine-tune" in (out / "README.md").read_text()

@@ -311,9 +311,18 @@ def test_compile_falls_back_to_eager_with_one_line(monkeypatch, caplog):
     )
     module = torch.nn.Linear(2, 2)
     with caplog.at_level(logging.WARNING, logger="sdxl_ztsnr.launch"):
-        assert launch.compile_or_eager(module, "cpu") is module
+        assert launch.compile_or_eager(module, "cuda") is module  # a GPU machine without a C++ toolchain
     lines = [r.getMessage() for r in caplog.records if r.name == "sdxl_ztsnr.launch"]
     assert len(lines) == 1 and "running eager" in lines[0] and "C++" in lines[0]
+
+
+def test_compile_on_the_cpu_runs_eager_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(launch, "compile_problem", lambda device: pytest.fail("no compile probe on the CPU"))
+    module = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="sdxl_ztsnr.launch"):
+        assert launch.compile_or_eager(module, "cpu") is module
+    lines = [r.getMessage() for r in caplog.records if r.name == "sdxl_ztsnr.launch"]
+    assert len(lines) == 1 and "eager" in lines[0]
 
 
 def test_compile_problem_reports_a_broken_backend(monkeypatch):
