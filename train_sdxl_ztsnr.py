@@ -45,8 +45,9 @@ from sdxl_ztsnr.train_data import (
     BucketBatchSampler,
     DataPosition,
     TrainingRows,
-    iter_training_tags,
     split_rows,
+    training_tag_frequencies,
+    training_tag_weights,
     vae_config_latent_stats,
 )
 from sdxl_ztsnr.trained_weights import EmaSettings, LoraSettings, TrainedWeights, check_lora_base
@@ -413,7 +414,7 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     """The cache (refused if made for another model), tag weights, held-out rows, online text encoders."""
     from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
-    from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, tag_frequencies, tag_loss_weights
+    from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
     from sdxl_ztsnr.text_encoding import encode_prompts, load_text_encoders
 
     # A local cache, a Hub dataset id (downloaded once, memory-mapped), or a raw folder precomputed now.
@@ -451,18 +452,15 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     weights = torch.ones(len(dataset))
     if not args.no_tag_weighting:
         if args.dynamic_tag_weights:
-            frequencies = tag_frequencies(iter_training_tags(dataset, train_ids))
+            frequencies = training_tag_frequencies(dataset, train_ids)
         else:
             frequencies = load_tag_frequencies(args.tag_frequency_path or cache_dir / "tag_frequencies.json")
         class_weights = {name: getattr(args, f"{name}_weight") for name in DEFAULT_CLASS_WEIGHTS}
         tag_classes = load_tag_classes(args.tag_class_map) if args.tag_class_map else None
-        weights[torch.from_numpy(train_ids)] = tag_loss_weights(
-            iter_training_tags(dataset, train_ids),
-            frequencies,
-            class_weights,
-            tag_classes,
-            args.min_tag_weight,
-            args.max_tag_weight,
+        factor = tag_factors(frequencies, class_weights, tag_classes)
+        raw = training_tag_weights(dataset, train_ids, factor)
+        weights[torch.from_numpy(train_ids)] = scale_tag_weights(
+            raw, args.min_tag_weight, args.max_tag_weight
         )
 
     encode = None

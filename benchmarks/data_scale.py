@@ -199,8 +199,8 @@ def memory_now() -> dict:
 
 def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     """The trainer's data path stage by stage, resident memory after each (run in a fresh process)."""
-    from sdxl_ztsnr.tags import load_tag_frequencies, tag_loss_weights
-    from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, iter_training_tags, split_rows
+    from sdxl_ztsnr.tags import load_tag_frequencies, scale_tag_weights, tag_factors
+    from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows, training_tag_weights
 
     stages = []
 
@@ -214,12 +214,11 @@ def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     train_ids, validation_ids = split_rows(dataset.with_format("arrow")["source"], 64, seed=0)
     record("split_rows")
     # The training script's tag weighting (train_sdxl_ztsnr.load_training_data), on the same rows: tags are
-    # read from arrow a chunk at a time.
+    # read from arrow a chunk at a time and weighted with numpy.
     frequencies = load_tag_frequencies(side_files / cache.TAG_FREQUENCIES_FILE)
     weights = torch.ones(len(dataset))
-    weights[torch.from_numpy(train_ids)] = tag_loss_weights(
-        iter_training_tags(dataset, train_ids), frequencies
-    )
+    raw = training_tag_weights(dataset, train_ids, tag_factors(frequencies))
+    weights[torch.from_numpy(train_ids)] = scale_tag_weights(raw)
     record("tag weights")
     pad_chunk = cache.load_pad_chunk(side_files)
     encode = None

@@ -10,7 +10,7 @@ import random
 import re
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +311,52 @@ def _scale_into_bounds(weights: torch.Tensor, min_weight: float, max_weight: flo
     return (w * math.exp(0.5 * (lo + hi))).clamp(min_weight, max_weight)
 
 
+def tag_factors(
+    frequencies: Mapping[str, int],
+    class_weights: Mapping[str, float] = DEFAULT_CLASS_WEIGHTS,
+    tag_classes: Mapping[str, str] | None = None,
+    alpha: float = 0.5,
+) -> Callable[[str], float]:
+    """f(t) = (m / n_t) ** alpha * class_weights[tag_class(t)], n_t the tag's count (at least 1), m the median count.
+
+    The per-tag factor of NAI's tag-based loss weighting (see tag_loss_weights); cached per tag.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    for cls in TAG_CLASSES:
+        weight = class_weights.get(cls)
+        if weight is None or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"class weight for {cls!r} must be a positive number, got {weight!r}")
+    counts = [count for count in frequencies.values() if count > 0]
+    median = float(statistics.median(counts)) if counts else 1.0
+    cache: dict[str, float] = {}
+
+    def factor(tag: str) -> float:
+        if tag not in cache:
+            count = max(frequencies.get(tag, 0), 1)  # a tag missing from the table counts as seen once
+            cls = tag_class(tag, tag_classes) or "object"
+            if cls not in class_weights:
+                raise ValueError(f"tag {tag!r} has class {cls!r}, which has no class weight")
+            cache[tag] = (median / count) ** alpha * class_weights[cls]
+        return cache[tag]
+
+    return factor
+
+
+def scale_tag_weights(raw: np.ndarray, min_weight: float = 0.1, max_weight: float = 3.0) -> torch.Tensor:
+    """Raw per-sample weights → clip(c · raw, min, max) with mean 1, as a (N,) float32 tensor."""
+    if not min_weight <= 1.0 <= max_weight or min_weight < 0:
+        raise ValueError(
+            f"need 0 <= min_weight <= 1 <= max_weight for weights with mean 1, got min_weight={min_weight}, "
+            f"max_weight={max_weight} (--min_tag_weight / --max_tag_weight)"
+        )
+    if not len(raw):
+        return torch.ones(0, dtype=torch.float32)
+    return _scale_into_bounds(
+        torch.from_numpy(np.asarray(raw, dtype=np.float64)), min_weight, max_weight
+    ).float()
+
+
 def tag_loss_weights(
     tag_lists: Iterable[Sequence[str]],
     frequencies: Mapping[str, int],
@@ -327,42 +373,19 @@ def tag_loss_weights(
         f_t = (m / n_t) ** alpha * class_weights[tag_class(t)]
     A sample's raw weight is the mean of f_t over its distinct tags (1.0 when it has none). Weights are then
     w_i = clip(c · raw_i, min_weight, max_weight) with the scale c chosen so mean(w) = 1 (the limit of
-    repeated clamp-and-renormalise). Returns a (N,) float32 tensor.
+    repeated clamp-and-renormalise). Returns a (N,) float32 tensor. (sdxl_ztsnr.train_data computes the same
+    from the cache's arrow column without a Python string per tag.)
     """
-    if not min_weight <= 1.0 <= max_weight or min_weight < 0:
-        raise ValueError(
-            f"need 0 <= min_weight <= 1 <= max_weight for weights with mean 1, got min_weight={min_weight}, "
-            f"max_weight={max_weight} (--min_tag_weight / --max_tag_weight)"
-        )
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    for cls in TAG_CLASSES:
-        weight = class_weights.get(cls)
-        if weight is None or not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"class weight for {cls!r} must be a positive number, got {weight!r}")
-    counts = [count for count in frequencies.values() if count > 0]
-    median = float(statistics.median(counts)) if counts else 1.0
-
-    factor_cache: dict[str, float] = {}
-
-    def factor(tag: str) -> float:
-        if tag not in factor_cache:
-            count = max(frequencies.get(tag, 0), 1)  # a tag missing from the table counts as seen once
-            cls = tag_class(tag, tag_classes) or "object"
-            if cls not in class_weights:
-                raise ValueError(f"tag {tag!r} has class {cls!r}, which has no class weight")
-            factor_cache[tag] = (median / count) ** alpha * class_weights[cls]
-        return factor_cache[tag]
+    scale_tag_weights(np.zeros(0), min_weight, max_weight)  # check the bounds before any work
+    factor = tag_factors(frequencies, class_weights, tag_classes, alpha)
 
     def raw_weight(tags: Sequence[str]) -> float:
         distinct = list(dict.fromkeys(tags))
         return sum(factor(t) for t in distinct) / len(distinct) if distinct else 1.0
 
-    # One float64 per row (an iterator of tag lists is consumed once: millions of rows stay out of RAM).
+    # One float64 per row (an iterator of tag lists is consumed once).
     raw = np.fromiter((raw_weight(tags) for tags in tag_lists), dtype=np.float64)
-    if not len(raw):
-        return torch.ones(0, dtype=torch.float32)
-    return _scale_into_bounds(torch.from_numpy(raw), min_weight, max_weight).float()
+    return scale_tag_weights(raw, min_weight, max_weight)
 
 
 def shuffle_and_drop_tags(

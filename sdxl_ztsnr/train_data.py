@@ -341,9 +341,42 @@ def split_rows(
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
-def iter_training_tags(dataset, train_ids: np.ndarray, chunk_rows: int = 65536) -> Iterator[list[str]]:
-    """The tag lists of the training rows, in ``train_ids`` order, read from arrow a chunk at a time (RAM stays
-    flat at millions of rows; a list of every row's tags as Python strings would not)."""
-    arrow = dataset.with_format("arrow")
+def _distinct_row_tags(dataset, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(row position in ``ids``, tag code) pairs, each tag once per row, and the codes' tags, from arrow."""
+    column = dataset.with_format("arrow")[ids.tolist()]["tags"]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = pc.dictionary_encode(pc.list_flatten(column))
+    rows = pc.list_parent_indices(column).to_numpy().astype(np.int64)
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    width = max(len(encoded.dictionary), 1)
+    pairs = np.unique(rows * width + codes)  # a tag repeated within one caption counts once
+    return pairs // width, pairs % width, encoded.dictionary.to_pylist()
+
+
+def training_tag_frequencies(dataset, train_ids: np.ndarray, chunk_rows: int = 8192) -> dict[str, int]:
+    """Samples each tag appears in over the training rows (``tags.tag_frequencies``, read from arrow)."""
+    counts: dict[str, int] = defaultdict(int)
     for start in range(0, len(train_ids), chunk_rows):
-        yield from arrow[train_ids[start : start + chunk_rows].tolist()]["tags"].to_pylist()
+        _, codes, names = _distinct_row_tags(dataset, train_ids[start : start + chunk_rows])
+        for code, count in enumerate(np.bincount(codes, minlength=len(names)).tolist()):
+            if count:
+                counts[names[code]] += count
+    return dict(sorted(counts.items()))
+
+
+def training_tag_weights(
+    dataset, train_ids: np.ndarray, factor: Callable[[str], float], chunk_rows: int = 8192
+) -> np.ndarray:
+    """Raw NAI tag weights of the training rows (mean of ``factor`` over each row's distinct tags; 1 without
+    tags), float64 in ``train_ids`` order — ``tags.tag_loss_weights`` before scaling, computed from the arrow
+    column a chunk at a time with numpy: no Python string per tag, so RAM stays flat at millions of rows."""
+    raw = np.ones(len(train_ids), dtype=np.float64)
+    for start in range(0, len(train_ids), chunk_rows):
+        ids = train_ids[start : start + chunk_rows]
+        rows, codes, names = _distinct_row_tags(dataset, ids)
+        factors = np.array([factor(name) for name in names], dtype=np.float64)
+        sums = np.bincount(rows, weights=factors[codes], minlength=len(ids))
+        counts = np.bincount(rows, minlength=len(ids))
+        raw[start : start + len(ids)] = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+    return raw

@@ -119,3 +119,26 @@ def test_time_ids_are_height_first_and_latent_stats_round_trip():
     vae_mean, vae_std = vae_config_latent_stats(mean.tolist(), std.tolist(), sf)
     decoded = normed * torch.tensor(vae_std).view(1, 4, 1, 1) / sf + torch.tensor(vae_mean).view(1, 4, 1, 1)
     torch.testing.assert_close(decoded, latents / sf, rtol=1e-4, atol=1e-4)
+
+
+def test_tag_weights_from_arrow_equal_the_python_definition():
+    import datasets
+
+    from sdxl_ztsnr.tags import scale_tag_weights, tag_factors, tag_frequencies, tag_loss_weights
+    from sdxl_ztsnr.train_data import training_tag_frequencies, training_tag_weights
+
+    rng = random.Random(0)
+    vocabulary = ["1girl", "solo", "black hair", "outdoors", "smile", "hatsune miku", "masterpiece", "sky"]
+    tags = [rng.sample(vocabulary, rng.randint(0, 5)) for _ in range(50)]
+    tags[3] = ["solo", "solo", "sky"]  # a tag repeated within one caption counts once
+    tags[4] = []
+    dataset = datasets.Dataset.from_dict({"tags": tags})
+    ids = np.array([i for i in range(50) if i % 7], dtype=np.int64)
+    chosen = [tags[i] for i in ids]
+    assert training_tag_frequencies(dataset, ids, chunk_rows=9) == tag_frequencies(chosen)
+    frequencies = tag_frequencies(chosen)
+    raw = training_tag_weights(dataset, ids, tag_factors(frequencies), chunk_rows=9)
+    assert raw[list(ids).index(4)] == 1.0
+    torch.testing.assert_close(
+        scale_tag_weights(raw), tag_loss_weights(chosen, frequencies), rtol=1e-6, atol=0
+    )
