@@ -338,6 +338,8 @@ def split_rows(
             chosen.append(image)
             held += int(rows_of[image])
     is_held = np.isin(image_of_row, np.asarray(chosen, dtype=np.int64))
+    del column, encoded, dictionary
+    pa.default_memory_pool().release_unused()  # arrow's allocator keeps freed pages otherwise
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
@@ -379,4 +381,5 @@ def training_tag_weights(
         sums = np.bincount(rows, weights=factors[codes], minlength=len(ids))
         counts = np.bincount(rows, minlength=len(ids))
         raw[start : start + len(ids)] = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+    pa.default_memory_pool().release_unused()  # arrow's allocator keeps freed pages otherwise
     return raw
