@@ -211,28 +211,51 @@ def _assert_one_line_error(done: subprocess.CompletedProcess, expected: str) -> 
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
 
 
+# Each script runs one case as a user does, in a fresh process (its imports, its console); the other cases run
+# through the same run_script in this process: a traceback there is an exception that fails the test.
+IN_A_FRESH_PROCESS = "model offline"
+CASES = ["missing data path", IN_A_FRESH_PROCESS, "empty data folder", "cache at another resolution"]
+
+
+def _run_here(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of ``script``'s run_script(main, parse_args) on ``argv``, in this process."""
+    import importlib
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_script(module.main, lambda: module.parse_args(argv))
+    return exited.value.code, capsys.readouterr().err
+
+
+def _check_user_error(script, argv, expected, tmp_path, capsys, fresh_process: bool) -> None:
+    if fresh_process:
+        _assert_one_line_error(_run(script, *argv, cwd=tmp_path), expected)
+    else:
+        code, stderr = _run_here(script, argv, capsys)
+        _assert_one_line_error(subprocess.CompletedProcess([script], code, "", stderr), expected)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "case", ["missing data path", "model offline", "empty data folder", "cache at another resolution"]
-)
-def test_precompute_script_user_errors(case, tiny_sdxl, small_data, cache_at_128, tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_precompute_script_user_errors(
+    case, tiny_sdxl, small_data, cache_at_128, tmp_path, capsys, fresh_accelerate_state
+):
     args, expected = _user_error_cases(tiny_sdxl, small_data, cache_at_128, tmp_path)[case]
     out = ["--output_dir", str(cache_at_128 if "resolution" in case else tmp_path / "out")]
-    done = _run(
-        "precompute_latents.py", *args, *out, "--bucket_step", "32", "--num_workers", "0", cwd=tmp_path
-    )
-    _assert_one_line_error(done, expected)
+    argv = [*args, *out, "--bucket_step", "32", "--num_workers", "0"]
+    _check_user_error("precompute_latents.py", argv, expected, tmp_path, capsys, case == IN_A_FRESH_PROCESS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "case", ["missing data path", "model offline", "empty data folder", "cache at another resolution"]
-)
-def test_train_script_user_errors(case, tiny_sdxl, small_data, cache_at_128, tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_train_script_user_errors(
+    case, tiny_sdxl, small_data, cache_at_128, tmp_path, capsys, fresh_accelerate_state
+):
     args, expected = _user_error_cases(tiny_sdxl, small_data, cache_at_128, tmp_path)[case]
     # The trainer precomputes --train_data_dir into OUTPUT_DIR/cache: there the 128 cache already is.
     out = cache_at_128.parent if "resolution" in case else tmp_path / "out"
     train = ["--output_dir", str(out), "--bucket_step", "32", "--max_train_steps", "1"]
-    done = _run("train_sdxl_ztsnr.py", *args, *train, "--dataloader_num_workers", "0", cwd=tmp_path)
-    _assert_one_line_error(done, expected)
+    argv = [*args, *train, "--dataloader_num_workers", "0"]
+    _check_user_error("train_sdxl_ztsnr.py", argv, expected, tmp_path, capsys, case == IN_A_FRESH_PROCESS)
     assert not (out / "unet").exists()

@@ -10,6 +10,8 @@ import torch
 
 from sdxl_ztsnr.keyed_random import keyed_timesteps_and_noise, sample_seeds
 from sdxl_ztsnr.train_data import (
+    pack_tensors,
+    unpack_tensors,
     BucketBatchSampler,
     normalize_latents,
     split_rows,
@@ -142,3 +144,27 @@ def test_tag_weights_from_arrow_equal_the_python_definition():
     torch.testing.assert_close(
         scale_tag_weights(raw), tag_loss_weights(chosen, frequencies), rtol=1e-6, atol=0
     )
+
+
+def test_packed_batch_tensors_come_back_equal_in_dtype_shape_and_value():
+    """A worker's batch crosses to the training process as one buffer; every tensor must come back intact."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "latents": torch.randn(3, 4, 5, 7, generator=generator),
+        "prompt_embeds": torch.randn(3, 77, 9, generator=generator).half(),  # 2-byte elements, odd sizes
+        "target_size": torch.tensor([[128, 96]] * 3),
+        "sample_weights": torch.rand(3, generator=generator, dtype=torch.float64),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.bfloat16),
+    }
+    buffer, layout = pack_tensors(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.ndim == 1
+    unpacked = unpack_tensors(buffer, layout)
+    assert list(unpacked) == list(tensors)
+    for name, tensor in tensors.items():
+        assert unpacked[name].dtype == tensor.dtype and unpacked[name].shape == tensor.shape, name
+        assert torch.equal(unpacked[name], tensor), name
+    # Views of one buffer, not copies; tensors do not overlap.
+    assert all(t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for t in unpacked.values())
+    unpacked["latents"].zero_()
+    assert torch.equal(unpack_tensors(buffer, layout)["prompt_embeds"], tensors["prompt_embeds"])
