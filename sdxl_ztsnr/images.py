@@ -4,6 +4,7 @@ reports, and every odd-but-valid image (CMYK, 16-bit, palette, alpha, EXIF-rotat
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -175,3 +176,22 @@ def read_caption(image_path: str | os.PathLike, allow_empty: bool = False) -> st
             image_path, f"empty caption file {caption_path}; write its tags or allow empty captions"
         )
     return text
+
+
+def image_from_cell(value, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """RGB image of a dataset image cell ({"bytes", "path"}, bytes or a path); raises BadInputError."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        data, path = (value, None) if isinstance(value, bytes) else (None, value)
+    if data is None and path:
+        return load_image(path, max_pixels=max_pixels)
+    if not data:
+        raise BadInputError(source, "empty file (0 bytes) or no image in the row")
+    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:  # load_image's checks work on files
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return load_image(tmp.name, max_pixels=max_pixels)
+        except BadInputError as error:
+            raise BadInputError(source, error.reason.replace(tmp.name, source)) from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -35,7 +34,14 @@ from tqdm.auto import tqdm
 from sdxl_ztsnr import cache
 from sdxl_ztsnr.buckets import bucket_for, make_buckets, resize_to_bucket
 from sdxl_ztsnr.console import UserError, loading_model
-from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, find_images, load_image, read_caption
+from sdxl_ztsnr.images import (
+    DEFAULT_MAX_PIXELS,
+    BadInputError,
+    find_images,
+    image_from_cell,
+    load_image,
+    read_caption,
+)
 from sdxl_ztsnr.latent_stats import WelfordState, welford_update
 from sdxl_ztsnr.tags import parse_tags, tag_frequencies
 from sdxl_ztsnr.text_encoding import CHUNK_LENGTH, count_chunks, empty_chunk_embeds, encode_prompts
@@ -129,25 +135,6 @@ class DatasetInputs:
             "image_column": self.image_column,
             "caption_column": self.caption_column,
         }
-
-
-def image_from_cell(value, source: str, max_pixels: int) -> Image.Image:
-    """RGB image of a dataset image cell ({"bytes", "path"}, bytes or a path); raises BadInputError."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    else:
-        data, path = (value, None) if isinstance(value, bytes) else (None, value)
-    if data is None and path:
-        return load_image(path, max_pixels=max_pixels)
-    if not data:
-        raise BadInputError(source, "empty file (0 bytes) or no image in the row")
-    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:  # load_image's checks work on files
-        tmp.write(data)
-        tmp.flush()
-        try:
-            return load_image(tmp.name, max_pixels=max_pixels)
-        except BadInputError as e:
-            raise BadInputError(source, e.reason.replace(tmp.name, source)) from None
 
 
 def _caption_text(value, source: str, allow_empty: bool) -> str:

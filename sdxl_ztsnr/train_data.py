@@ -152,7 +152,7 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]
         layout.append((name, tensor.dtype, tuple(tensor.shape), offset))
         offset += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     buffer = torch.empty(offset, dtype=torch.uint8)
-    for (name, dtype, shape, start), tensor in zip(layout, tensors.values(), strict=True):
+    for (_, dtype, shape, start), tensor in zip(layout, tensors.values(), strict=True):
         _view(buffer, dtype, shape, start).copy_(tensor)
     return buffer, tuple(layout)
 
@@ -212,7 +212,24 @@ class _BatchReader(torch.utils.data.Dataset):
             tensors["prompt_embeds"] = pad_prompt_embeds([r["prompt_embeds"] for r in rows], self.pad_chunk)
             tensors["pooled_prompt_embeds"] = torch.stack([r["pooled_prompt_embeds"] for r in rows])
         packed, layout = pack_tensors(tensors)
-        return {"packed": packed, "layout": layout, "tags": [r["tags"] for r in rows] if self.with_tags else None}
+        return {
+            "packed": packed,
+            "layout": layout,
+            "tags": [r["tags"] for r in rows] if self.with_tags else None,
+        }
+
+
+def batch_loader(reader, sampler, num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """A DataLoader whose ``sampler`` yields whole batches for ``reader`` to read and collate (``batch_size=None``):
+    workers persist across epochs, batches are pinned for a CUDA device."""
+    return torch.utils.data.DataLoader(
+        reader,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
 
 
 @dataclass
@@ -321,14 +338,7 @@ class TrainingRows:
             reader = _BatchReader(
                 self.dataset, self.train_ids, self.pad_chunk, self.sample_weights, self.encode is not None
             )
-            self._loader = torch.utils.data.DataLoader(
-                reader,
-                sampler=sampler,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=self.num_workers > 0,
-            )
+            self._loader = batch_loader(reader, sampler, self.num_workers, device)
         epoch, offset, micro_batch = start.epoch, start.batch, first_micro_batch
         positions = sampler.positions
         while True:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,9 @@ import torch
 from PIL import Image
 
 from sdxl_ztsnr.cache import SKIPPED_FILE, skip_kind
-from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, load_image
+from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS, BadInputError, image_from_cell, load_image
 from sdxl_ztsnr.keyed_random import sample_seed
-from sdxl_ztsnr.train_data import BucketBatchSampler, DataPosition
+from sdxl_ztsnr.train_data import BucketBatchSampler, DataPosition, batch_loader
 
 
 class FolderImages:
@@ -50,25 +49,6 @@ class FolderImages:
         return load_image(self.inputs.paths[index], max_pixels=max_pixels)
 
 
-def decode_image_cell(value, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A dataset image cell ({"bytes", "path"}, raw bytes or a path) as RGB through load_image's checks."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    else:
-        data, path = (value, None) if isinstance(value, bytes) else (None, value)
-    if data is None and path:
-        return load_image(path, max_pixels=max_pixels)
-    if not data:
-        raise BadInputError(source, "empty file (0 bytes) or no image in the row")
-    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:  # load_image's checks work on files
-        tmp.write(data)
-        tmp.flush()
-        try:
-            return load_image(tmp.name, max_pixels=max_pixels)
-        except BadInputError as error:
-            raise BadInputError(source, error.reason.replace(tmp.name, source)) from None
-
-
 class DatasetImages:
     """The image column of a Hugging Face dataset (Hub name, load_dataset path, or a save_to_disk directory)."""
 
@@ -88,7 +68,7 @@ class DatasetImages:
 
     def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         cell = self.inputs.dataset[index][self.image_column]
-        return decode_image_cell(cell, self.source(index), max_pixels)
+        return image_from_cell(cell, self.source(index), max_pixels)
 
 
 ImageSource = FolderImages | DatasetImages
@@ -332,14 +312,7 @@ class CropData:
             reader = _CropReader(
                 self.images, self.indices, self.sizes, self.crop_size, self.latent_shape, self.max_pixels
             )
-            self._loader = torch.utils.data.DataLoader(
-                reader,
-                sampler=sampler,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=self.num_workers > 0,
-            )
+            self._loader = batch_loader(reader, sampler, self.num_workers, device)
         start = start or DataPosition()
         epoch, offset, micro_batch = start.epoch, start.batch, first_micro_batch
         while True:

@@ -10,12 +10,12 @@ import torch
 
 from sdxl_ztsnr.keyed_random import keyed_timesteps_and_noise, sample_seeds
 from sdxl_ztsnr.train_data import (
-    pack_tensors,
-    unpack_tensors,
     BucketBatchSampler,
     normalize_latents,
+    pack_tensors,
     split_rows,
     time_ids,
+    unpack_tensors,
     vae_config_latent_stats,
 )
 
@@ -165,6 +165,8 @@ def test_packed_batch_tensors_come_back_equal_in_dtype_shape_and_value():
         assert unpacked[name].dtype == tensor.dtype and unpacked[name].shape == tensor.shape, name
         assert torch.equal(unpacked[name], tensor), name
     # Views of one buffer, not copies; tensors do not overlap.
-    assert all(t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for t in unpacked.values())
+    assert all(
+        t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for t in unpacked.values()
+    )
     unpacked["latents"].zero_()
     assert torch.equal(unpack_tensors(buffer, layout)["prompt_embeds"], tensors["prompt_embeds"])
