@@ -55,7 +55,7 @@ def measure(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from sdxl_ztsnr import vae_training
-    from sdxl_ztsnr.training import build_optimizer
+    from sdxl_ztsnr.optimizers import build_optimizer
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
