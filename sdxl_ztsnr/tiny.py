@@ -225,4 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sdxl_ztsnr.console import quiet_libraries
+
+    with quiet_libraries():  # no "Writing model shards" bars from the libraries
+        main()
