@@ -53,7 +53,11 @@ def mark_nonfinite_step(
         return found_inf
     inner = getattr(optimizer, "optimizer", optimizer)
     if supports_device_skip(inner):
-        inner.found_inf = found_inf
+        # Given found_inf, the kernel also rolls every parameter's step counter back by it, one tensor at a time
+        # on the CPU. There reading the flag costs nothing (no device queue to stall), so the kernel gets it only
+        # for a bad step; on an accelerator it always does, and the host never waits.
+        if found_inf.device.type != "cpu" or found_inf.item():
+            inner.found_inf = found_inf
     elif found_inf.item():
         for group in inner.param_groups:
             for param in group["params"]:
