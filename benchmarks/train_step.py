@@ -9,10 +9,14 @@ Tiny model (default without CUDA): builds the tiny pipeline and a demo cache (12
     logging), iteration by iteration after the warm-up; start-up and the final save/validation are left out;
   - trainer step: the trainer's per-step code on the same batches, read beforehand and kept in memory;
   - bare step: the same UNet, batch and latent shapes, random tensors on the device, fused AdamW, the same
-    v-loss with MinSNR weights, nothing else.
-Each timed step runs right beside a bare step (alternating), so load from other processes on a shared
-machine hits both alike; overhead = sum of the path's step times / sum of the bare step times − 1, in wall
-time and in CPU time of the training thread (DataLoader workers' reading is not in the second).
+    v-loss with MinSNR weights, nothing else;
+  - bare step + clipping: the same with ``torch.nn.utils.clip_grad_norm_(max_norm=1.0)`` before the optimizer
+    step, as diffusers' training examples do by default (the trainer clips at 1.0 by default too, and its
+    gradient norm is also its non-finite check).
+Each timed step runs right beside one step of each reference (their order turning), so load from other
+processes on a shared machine hits all alike; overhead = sum of the path's step times / sum of the
+reference's step times − 1, in wall time and in CPU time of the training thread (DataLoader workers' reading
+is not in the second), with a 95% bootstrap interval over the pairs.
 SDXL architecture (default with CUDA): random weights (no download), synthetic cache rows at 1024² in an
 in-memory datasets table, and the variants
   - ref: gpu_anchor.py's "ref" method (fp32 master weights, bf16 autocast, foreach AdamW, loss.item() each
@@ -26,6 +30,7 @@ Goals: on the CPU the full loop within 3% of bare; on one GPU, loop >= 1.5x ref.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -78,8 +83,18 @@ def seconds_per_step(step, inputs: list, device: torch.device, warmup: int = 0) 
     return (time.perf_counter() - start) / (len(inputs) - warmup)
 
 
-def bare_step(unet, optimizer, alpha_bar: torch.Tensor, autocast_dtype: torch.dtype | None):
-    """Forward, v-loss × MinSNR weight, backward, optimizer step: noise and timesteps drawn on the device."""
+def bare_step(
+    unet,
+    optimizer,
+    alpha_bar: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float | None = None,
+):
+    """Forward, v-loss × MinSNR weight, backward, optimizer step: noise and timesteps drawn on the device.
+
+    With ``max_grad_norm``, ``torch.nn.utils.clip_grad_norm_`` before the step, as diffusers' training examples
+    do by default (``--max_grad_norm 1.0``) and the trainer does (its clipping is also its non-finite check).
+    """
     device = alpha_bar.device
 
     def step(inputs: dict) -> None:
@@ -100,6 +115,8 @@ def bare_step(unet, optimizer, alpha_bar: torch.Tensor, autocast_dtype: torch.dt
             )[0]
         loss = (per_sample_mse(prediction, v_target(latents, noise, a)) * loss_weights(a)).mean()
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -226,6 +243,23 @@ def print_table(title: str, rows: list[tuple], batch_size: int, ref: str | None 
         print(line + (f" {ref_seconds / seconds:5.2f} |" if ref else ""))
 
 
+def overhead_interval(
+    pairs: list[tuple], column: int = 2, draws: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """95% bootstrap interval of the wall overhead (sum of path times / sum of the reference's wall times in
+    ``column`` - 1) over the pairs.
+
+    The same step varies by ~15% from one run to the next on a shared 2-core machine, so a few percent of
+    overhead needs an interval: resample the pairs with replacement and take the 2.5% and 97.5% quantiles.
+    """
+    times = np.array([(p[0], p[column]) for p in pairs])
+    picks = np.random.default_rng(seed).integers(0, len(times), size=(draws, len(times)))
+    chosen = times[picks]  # (draws, pairs, 2)
+    ratios = chosen[..., 0].sum(axis=1) / chosen[..., 1].sum(axis=1) - 1
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def clock() -> tuple[float, float]:
     """(wall seconds, CPU seconds of this thread): the second leaves out time other processes took the core."""
     return time.perf_counter(), time.thread_time()
@@ -246,19 +280,19 @@ class BareStepBesideEachTrainerStep:
     Trainer and bare steps alternate ~0.1 s apart, so load from other processes hits both alike.
     """
 
-    def __init__(self, bare, random_batches: list[dict], warmup: int):
-        self.bare, self.random_batches, self.warmup = bare, random_batches, warmup
-        # (trainer iteration wall, its CPU, bare step wall, its CPU) seconds
-        self.pairs: list[tuple[float, float, float, float]] = []
+    def __init__(self, references: list, random_batches: list[dict], warmup: int):
+        self.references, self.random_batches, self.warmup = references, random_batches, warmup
+        # (trainer iteration wall, its CPU, then wall and CPU of each reference step) seconds
+        self.pairs: list[tuple[float, ...]] = []
         self.iteration, self.last = 0, (0.0, 0.0)
 
     def before_step(self) -> None:
         now = clock()
         if self.iteration > self.warmup:  # the iteration that just ended was trained after the warm-up
-            start = clock()
-            self.bare(self.random_batches[self.iteration - 1])
-            end = clock()
-            self.pairs.append((*elapsed(self.last, now), *elapsed(start, end)))
+            batch = self.random_batches[self.iteration - 1]
+            self.pairs.append(
+                (*elapsed(self.last, now), *time_references(self.references, batch, self.iteration))
+            )
         self.iteration += 1
         self.last = clock()
 
@@ -282,6 +316,18 @@ class BareStepBesideEachTrainerStep:
         from accelerate import Accelerator
 
         Accelerator.accumulate = self.original
+
+
+def time_references(references: list, batch: dict, turn: int) -> list[float]:
+    """Run each reference step once on ``batch`` (their order turns with ``turn``, so neither always runs right
+    after the path); (wall, CPU) seconds of each, in the order of ``references``."""
+    times: list[tuple[float, float]] = [(0.0, 0.0)] * len(references)
+    for offset in range(len(references)):
+        index = (turn + offset) % len(references)
+        start = clock()
+        references[index](batch)
+        times[index] = elapsed(start, clock())
+    return [value for pair in times for value in pair]
 
 
 def trainer_args(model_dir: Path, cache_dir: Path, out_dir: Path, options: argparse.Namespace, steps: int):
@@ -342,23 +388,30 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
         optimizer = torch.optim.AdamW(
             bare_unet.parameters(), lr=args.learning_rate, weight_decay=1e-2, fused=True
         )
-        bare = bare_step(bare_unet, optimizer, alphas_cumprod().to(device), None)
+        references = [
+            bare_step(bare_unet, optimizer, alphas_cumprod().to(device), None),
+            bare_step(bare_unet, optimizer, alphas_cumprod().to(device), None, max_grad_norm=1.0),
+        ]
         random_batches = random_like_batches(batches)
 
-        # Every timed step is paired with a bare step run right beside it.
-        step_pairs: list[tuple[float, float, float, float]] = []
-        full_pairs: list[tuple[float, float, float, float]] = []
+        # Every timed step runs right beside one step of each reference (bare, bare with clipping).
+        step_pairs: list[tuple[float, ...]] = []
+        full_pairs: list[tuple[float, ...]] = []
         for round_index in range(options.rounds):
+            # As train_sdxl_ztsnr.main does after start-up (it unfreezes at its end): without it a full garbage
+            # collection over the libraries' objects (~0.4 s) lands on a random step of either path.
+            gc.collect()
+            gc.freeze()
             for index, (batch, random_batch) in enumerate(zip(batches, random_batches, strict=True)):
+                reference_times = time_references(references, random_batch, index + round_index)
                 start = clock()
-                bare(random_batch)
-                middle = clock()
                 loop.step(batch)
                 end = clock()
                 if index >= warmup:
-                    step_pairs.append((*elapsed(middle, end), *elapsed(start, middle)))
+                    step_pairs.append((*elapsed(start, end), *reference_times))
+            gc.unfreeze()
             reset_accelerate()
-            with BareStepBesideEachTrainerStep(bare, random_batches, warmup) as hook:
+            with BareStepBesideEachTrainerStep(references, random_batches, warmup) as hook:
                 train_sdxl_ztsnr.main(
                     trainer_args(model_dir, cache_dir, tmp / f"run-{round_index}", options, total)
                 )
@@ -366,10 +419,11 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
         threads = torch.get_num_threads()
 
     def rows_for(name: str, short: str, pairs: list) -> list[tuple]:
-        """The bare steps paired with a path, then the path: (name, mean wall s/step, overheads or None)."""
-        total = [sum(p[column] for p in pairs) for column in range(4)]
+        """The reference steps paired with a path, then the path: (name, mean wall s/step, overheads or None)."""
+        total = [sum(p[column] for p in pairs) for column in range(6)]
         return [
             (f"bare step, paired with the {short}", total[2] / len(pairs), None, None),
+            ("  bare step + clip_grad_norm_(1.0)", total[4] / len(pairs), total[4] / total[2] - 1, None),
             (name, total[0] / len(pairs), total[0] / total[2] - 1, total[1] / total[3] - 1),
         ]
 
@@ -379,15 +433,24 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
     print_table(
         f"training throughput: tiny SDXL, batch {options.batch_size}, 128² buckets, {options.images} demo "
         f"images, {options.num_workers} DataLoader worker(s), {where}; {options.rounds} x {steps} steps after "
-        f"{warmup} warm-up, each beside a bare step; overhead = sum of path times / sum of bare times - 1",
+        f"{warmup} warm-up, each beside a bare step with and one without clipping; overhead = sum of path "
+        "times / sum of bare times - 1",
         rows,
         options.batch_size,
     )
-    for name, pairs in (("trainer step", step_pairs), ("full loop", full_pairs)):
-        ratios = sorted(p[0] / p[2] for p in pairs)
-        quartiles = [ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
-        print(f"  {name} / bare per step, wall: quartiles " + " ".join(f"{r:.3f}" for r in quartiles))
+    for name, pairs in (("trainer step code", step_pairs), ("full loop", full_pairs)):
+        for reference, column in (("bare", 2), ("bare + clipping", 4)):
+            ratios = sorted(p[0] / p[column] for p in pairs)
+            quartiles = [ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
+            low, high = overhead_interval(pairs, column)
+            total = sum(p[0] for p in pairs) / sum(p[column] for p in pairs) - 1
+            print(
+                f"  {name} vs {reference}: overhead {100 * total:+.1f}% (95% interval {100 * low:+.1f}% .. "
+                f"{100 * high:+.1f}%, {len(pairs)} pairs); per-step ratio quartiles "
+                + " ".join(f"{r:.3f}" for r in quartiles)
+            )
     keys = ("s_per_step", "cpu_s_per_step", "bare_s_per_step", "bare_cpu_s_per_step")
+    keys += ("bare_clip_s_per_step", "bare_clip_cpu_s_per_step")
     records = [dict(path="step", **dict(zip(keys, p, strict=True))) for p in step_pairs]
     records += [dict(path="full", **dict(zip(keys, p, strict=True))) for p in full_pairs]
     return [

@@ -73,12 +73,31 @@ def clear_nonfinite_mark(optimizer: torch.optim.Optimizer) -> None:
             delattr(inner, name)
 
 
+# On the CPU a norm costs ~5 µs per tensor before it reads a byte (dispatch, reduction set-up); below this many
+# elements, copying a gradient into one flat buffer is cheaper than a norm of its own.
+_CPU_SMALL_GRADIENT = 4096
+
+
 def global_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    """‖g‖₂ over every gradient, as a 0-dim fp32 tensor on the gradients' device (one read pass, no sync)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    """‖g‖₂ over every gradient, as a 0-dim fp32 tensor on the gradients' device (one read pass, no sync).
+
+    On an accelerator ``_foreach_norm`` is one multi-tensor kernel. On the CPU it is a loop of norms, one per
+    tensor, and most of a UNet's tensors are biases and norm weights of a few hundred elements: those are
+    copied into one flat buffer (one C++ call) and normed together, which halves the cost (the tiny test UNet:
+    494 of its 620 tensors, 19% of its 2.7M elements).
+    """
+    grads = [g for p in parameters if (g := p.grad) is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+    if grads[0].device.type != "cpu" or is_fake(grads[0]):  # fake: benchmarks/memory.py models an accelerator
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+    small = [g for g in grads if g.numel() <= _CPU_SMALL_GRADIENT]
+    large = [g for g in grads if g.numel() > _CPU_SMALL_GRADIENT]
+    norms = list(torch._foreach_norm(large, 2, dtype=torch.float32)) if large else []
+    for dtype in {g.dtype for g in small}:  # one flat buffer per dtype (bf16 weights: bf16 grads)
+        flat = torch._utils._flatten_dense_tensors([g for g in small if g.dtype == dtype])
+        norms.append(torch.linalg.vector_norm(flat, dtype=torch.float32))
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def clip_and_check_gradients(

@@ -18,6 +18,7 @@ from sdxl_ztsnr.optimizers import (
     check_fused_backward,
     compensated_value,
     fused_backward_clipping_note,
+    global_grad_norm,
     kahan_update_,
     stochastic_round_,
 )
@@ -375,3 +376,28 @@ def test_fused_backward_under_accelerate_resumes_from_save_state(tmp_path):
     assert_same_weights(unbroken, resumed, atol=0.0)
     assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     assert optimizer.optimizer.skipped_updates.item() == 0
+
+
+def test_global_grad_norm_equals_torchs_total_norm_over_small_large_and_mixed_dtype_gradients():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3,), (64, 64, 3, 3), (4096,), (4097,), (320,), (77, 2048), (1,)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16] * 3  # bf16 weights have bf16 gradients
+    parameters = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes, strict=False)]
+    for parameter in parameters:
+        parameter.grad = torch.randn(parameter.shape, generator=generator).to(parameter.dtype)
+    parameters.append(torch.nn.Parameter(torch.zeros(5)))  # no gradient: left out
+    parameters[1].grad = parameters[1].grad.transpose(0, 1)  # not contiguous
+    expected = torch.nn.utils.get_total_norm([p.grad.float() for p in parameters if p.grad is not None])
+    norm = global_grad_norm(parameters)
+    assert norm.dtype == torch.float32 and norm.shape == ()
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("where", [0, 1])  # a small gradient (flattened with others) or a large one
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_global_grad_norm_is_not_finite_when_one_gradient_is_not(where, bad):
+    parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(16,), (128, 128), (8,)]]
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    parameters[where].grad[3] = bad
+    assert not torch.isfinite(global_grad_norm(parameters))
