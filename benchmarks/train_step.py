@@ -249,7 +249,7 @@ def overhead_interval(
     """95% bootstrap interval of the wall overhead (sum of path times / sum of the reference's wall times in
     ``column`` - 1) over the pairs.
 
-    The same step varies by ~15% from one run to the next on a shared 2-core machine, so a few percent of
+    The same step varies by ~15% from one step to the next on a shared 2-core machine, so a few percent of
     overhead needs an interval: resample the pairs with replacement and take the 2.5% and 97.5% quantiles.
     """
     times = np.array([(p[0], p[column]) for p in pairs])
@@ -272,12 +272,13 @@ def elapsed(start: tuple[float, float], end: tuple[float, float]) -> tuple[float
 # --- tiny model: the real training script -------------------------------------------------------------
 
 
-class BareStepBesideEachTrainerStep:
+class ReferencesBesideEachTrainerStep:
     """While active, each optimizer step of train_sdxl_ztsnr.main (entering ``Accelerator.accumulate``) first
     records the time since the previous one — the whole previous iteration: its batch from the loader, the
-    step, bookkeeping, logging — then runs one bare step on random inputs of that iteration's shapes.
+    step, bookkeeping, logging — then runs one step of each reference on random inputs of that iteration's
+    shapes.
 
-    Trainer and bare steps alternate ~0.1 s apart, so load from other processes hits both alike.
+    Trainer and reference steps alternate ~0.1 s apart, so load from other processes hits all alike.
     """
 
     def __init__(self, references: list, random_batches: list[dict], warmup: int):
@@ -411,7 +412,7 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
                     step_pairs.append((*elapsed(start, end), *reference_times))
             gc.unfreeze()
             reset_accelerate()
-            with BareStepBesideEachTrainerStep(references, random_batches, warmup) as hook:
+            with ReferencesBesideEachTrainerStep(references, random_batches, warmup) as hook:
                 train_sdxl_ztsnr.main(
                     trainer_args(model_dir, cache_dir, tmp / f"run-{round_index}", options, total)
                 )
