@@ -57,7 +57,6 @@ from sdxl_ztsnr.training import unet_prediction  # noqa: E402
 
 GIB = 2**30
 LEARNING_RATE = 1e-6
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of the transformer blocks
 # gpu_anchor.py's toy UNet: SDXL's structure at toy widths (used by --tiny and --check_autocast).
 TINY_UNET = dict(
     SDXL_UNET,
@@ -81,7 +80,7 @@ class Config:
     optimizer: str = "adamw"  # adamw (fused) | adamw_foreach | adamw8bit | adafactor
     gradient_checkpointing: bool = False
     fused_backward: bool = False
-    lora_rank: int = 0  # > 0: frozen base weights, peft LoRA on LORA_TARGETS (fp32), AdamW
+    lora_rank: int = 0  # > 0: frozen base weights, the trainer's LoRA (sdxl_ztsnr.lora.add_lora), AdamW
     channels_last: bool = True  # on CUDA, as the trainer does (memory-neutral)
     anchor_gib: float | None = None  # one H200, gpu_anchor.py, 2026-11-26
 
@@ -217,18 +216,11 @@ def setup_unet(config: Config, unet_config: dict, device: torch.device | str):
     """The UNet as ``config`` sets it up: dtype, LoRA, gradient checkpointing, channels_last on CUDA."""
     unet = build_unet(unet_config, device)
     if config.lora_rank:
-        from peft import LoraConfig
+        from sdxl_ztsnr.lora import add_lora
 
-        unet.requires_grad_(False)
-        rank = config.lora_rank
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-        )
-        if config.weights == "bf16":  # LoRA trains in fp32 over a bf16 base, as diffusers' LoRA scripts do
+        if config.weights == "bf16":  # the trainer's LoRA: fp32 adapter over a bf16 base, under bf16 autocast
             unet.to(torch.bfloat16)
-            for p in unet.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+        add_lora(unet, config.lora_rank, under_autocast=True)  # default targets: attention projections
     elif config.weights == "bf16":
         unet.to(torch.bfloat16)
     if config.gradient_checkpointing:

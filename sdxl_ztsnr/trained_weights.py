@@ -79,11 +79,21 @@ class TrainedWeights:
         ema: EmaSettings | None = None,
         frozen_dtype: torch.dtype | None = None,
     ) -> TrainedWeights:
-        """Add the LoRA adapter (the frozen base cast to ``frozen_dtype`` first, the adapter fp32) and the EMA."""
+        """Add the LoRA adapter (the frozen base cast to ``frozen_dtype`` first, the adapter fp32) and the EMA.
+
+        ``frozen_dtype`` is the run's autocast dtype (bf16/fp16 mixed precision), None without autocast.
+        """
         if lora is not None:
             if frozen_dtype is not None:
                 unet.to(dtype=frozen_dtype)  # frozen weights need no fp32 master copy
-            parameters = lora_lib.add_lora(unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            parameters = lora_lib.add_lora(
+                unet,
+                lora.rank,
+                lora.alpha,
+                lora.dropout,
+                lora.target_modules,
+                under_autocast=frozen_dtype is not None,
+            )
         else:
             parameters = [p for p in unet.parameters() if p.requires_grad]
         average = None

@@ -287,3 +287,51 @@ def test_bad_inputs_are_refused(tiny_sdxl, tmp_path):
             save_lora(unet, tmp_path, name)
     with pytest.raises(FileNotFoundError, match="not saved by a LoRA run"):
         load_lora_state(unet, tmp_path)
+
+
+def _saved_bytes_and_grads(unet, params) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of activations autograd keeps for backward in one bf16-autocast forward (each storage once; the
+    weights themselves left out), and the LoRA grads."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = unet(**_inputs(0)).sample.float().square().mean()
+    loss.backward()
+    return sum(storages.values()), [p.grad for p in params]
+
+
+def test_under_autocast_the_adapter_keeps_its_input_not_a_copy_with_the_same_gradients(tiny_sdxl):
+    results = []
+    for under_autocast in (False, True):
+        torch.manual_seed(0)
+        unet = _tiny_unet(tiny_sdxl).to(torch.bfloat16)  # the trainer's LoRA base under bf16 mixed precision
+        params = add_lora(unet, rank=4, under_autocast=under_autocast)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.05)  # B != 0, so A gets a gradient too
+        results.append(_saved_bytes_and_grads(unet, params))
+    (copied, plain_grads), (kept, grads) = results
+    assert kept < 0.95 * copied, (kept, copied)  # the tiny UNet: 7% less
+    for plain, grad in zip(plain_grads, grads, strict=True):
+        torch.testing.assert_close(grad, plain, atol=0, rtol=0)  # the same values reach the same matmuls
+
+
+def test_without_autocast_a_bf16_base_still_gets_fp32_adapter_inputs_cast(tiny_sdxl):
+    unet = _tiny_unet(tiny_sdxl).to(torch.bfloat16)
+    add_lora(unet, rank=4)
+    output = unet(**{k: _cast(v, torch.bfloat16) for k, v in _inputs(0).items()}).sample
+    assert output.dtype == torch.bfloat16 and torch.isfinite(output.float()).all()
+
+
+def _cast(value, dtype):
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value.to(dtype) if value.is_floating_point() else value
