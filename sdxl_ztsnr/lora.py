@@ -49,10 +49,10 @@ def add_lora(
 
     ``under_autocast``: every forward of this UNet runs under autocast (mixed precision). peft then casts each
     adapter input up to the adapter's fp32 and autocast casts it straight back to bf16/fp16 for the matmul: the
-    same values, but a fresh half-precision copy that each layer keeps for backward — to_q, to_k and to_v of
-    one attention keep three copies of one input. Without the first cast they keep the input itself (SDXL at
-    1024², batch 1, rank 32: 0.43 GiB less at the peak, by benchmarks/memory.py). Without autocast the cast is
-    needed (a bf16 input cannot meet fp32 weights), so it stays.
+    same values, but a fresh half-precision copy that the layer keeps for backward while the input itself is
+    kept too. Without the first cast the adapter keeps the input itself. SDXL at 1024², batch 1, rank 32
+    (benchmarks/memory.py): 0.43 GiB less at the peak, 0.39 of it at to_out.0, whose input is the attention
+    output. Without autocast the cast is needed (a bf16 input cannot meet fp32 weights), so it stays.
     """
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
