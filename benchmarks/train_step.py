@@ -389,9 +389,10 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
         optimizer = torch.optim.AdamW(
             bare_unet.parameters(), lr=args.learning_rate, weight_decay=1e-2, fused=True
         )
+        alpha_bar = alphas_cumprod().to(device)
         references = [
-            bare_step(bare_unet, optimizer, alphas_cumprod().to(device), None),
-            bare_step(bare_unet, optimizer, alphas_cumprod().to(device), None, max_grad_norm=1.0),
+            bare_step(bare_unet, optimizer, alpha_bar, None),
+            bare_step(bare_unet, optimizer, alpha_bar, None, max_grad_norm=1.0),
         ]
         random_batches = random_like_batches(batches)
 

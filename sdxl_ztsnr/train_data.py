@@ -294,9 +294,11 @@ class TrainingRows:
                 prompts = [", ".join(tags) for tags in batch["tags"]]
             encoded = self.encode(prompts)
         # One transfer for the whole batch (pinned by the DataLoader on CUDA), then views.
-        out = unpack_tensors(batch["packed"].to(device, non_blocking=True), batch["layout"])
-        # stays on the CPU: timestep_shift reads it without a sync
-        out["target_size"] = unpack_tensors(batch["packed"], batch["layout"])["target_size"]
+        packed = batch["packed"]
+        on_device = packed.to(device, non_blocking=True)
+        out = unpack_tensors(on_device, batch["layout"])
+        if on_device is not packed:  # target_size stays on the CPU: timestep_shift reads it without a sync
+            out["target_size"] = unpack_tensors(packed, batch["layout"])["target_size"]
         if self.encode is not None:
             out["prompt_embeds"], out["pooled_prompt_embeds"] = encoded
         out["prompt_embeds"] = out["prompt_embeds"].float()
