@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -52,6 +51,7 @@ from sdxl_ztsnr.optimizers import (  # noqa: E402
     PerParameterOptimizer,
     build_training_optimizer,
 )
+from sdxl_ztsnr.optional_packages import installed  # noqa: E402
 from sdxl_ztsnr.sdxl_architecture import SDXL_UNET, build_unet, unet_inputs  # noqa: E402
 from sdxl_ztsnr.training import unet_prediction  # noqa: E402
 
@@ -472,11 +472,7 @@ def main() -> None:
             row["estimate_GiB"] = breakdown["Total"]
             row["estimate_breakdown_GiB"] = {k: round(v, 3) for k, v in breakdown.items() if v}
             row["estimate_s"] = round(time.perf_counter() - start, 1)
-        if (
-            measure_here
-            and config.optimizer == "adamw8bit"
-            and importlib.util.find_spec("bitsandbytes") is None
-        ):
+        if measure_here and config.optimizer == "adamw8bit" and not installed("bitsandbytes"):
             print(f"{config.key}: not measured (bitsandbytes is not installed)")
         elif measure_here:
             row["measured_GiB"] = measure(config, unet_config, resolution)

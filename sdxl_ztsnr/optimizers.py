@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from sdxl_ztsnr.optional_packages import import_bitsandbytes
+
 logger = logging.getLogger(__name__)
 
 OptimizerName = Literal["adamw", "adamw8bit", "adafactor"]
@@ -160,10 +162,7 @@ def build_optimizer(
     ``betas`` and ``eps`` are AdamW's and do not apply to it. ``weight_decay`` is decoupled in both.
     """
     if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:  # pragma: no cover - depends on the install
-            raise SystemExit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from error
+        bnb = import_bitsandbytes()
         return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "adafactor":
         from transformers.optimization import Adafactor
