@@ -24,7 +24,7 @@ import torch
 
 from sdxl_ztsnr import checkpointing, export, launch, lifecycle
 from sdxl_ztsnr.attention import ATTENTION_BACKENDS, attention_context, configure_attention
-from sdxl_ztsnr.console import UserError, loading_model
+from sdxl_ztsnr.console import UserError, loading_model, make_output_dir
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.optimizers import (
@@ -850,7 +850,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     # Lifecycle first (before hours of precompute): fresh start, resume, or an already finished run.
     plan = lifecycle.plan_run_on_all_ranks(
         accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir

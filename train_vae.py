@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr import checkpointing, lifecycle, vae_data, vae_metrics, vae_training
+from sdxl_ztsnr.console import loading_model, make_output_dir
 from sdxl_ztsnr.launch import compile_or_eager, init_trackers, make_accelerator
 from sdxl_ztsnr.train_data import DataPosition
 from sdxl_ztsnr.vae_outputs import install_finetuned_vae, save_vae, vae_model_card
@@ -197,12 +197,16 @@ def load_starting_vae(args):
     from diffusers import AutoencoderKL
 
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=torch.float32)
+        with loading_model(args.pretrained_vae_model_name_or_path, "vae"):
+            vae = AutoencoderKL.from_pretrained(
+                args.pretrained_vae_model_name_or_path, torch_dtype=torch.float32
+            )
     else:
-        vae = AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant,
-            torch_dtype=torch.float32,
-        )  # fmt: skip
+        with loading_model(args.pretrained_model_name_or_path, "vae"):
+            vae = AutoencoderKL.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                variant=args.variant, torch_dtype=torch.float32,
+            )  # fmt: skip
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.crop_size % factor:
         raise SystemExit(
@@ -456,7 +460,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)
     # Lifecycle, then the LPIPS backbone: both can stop the run before minutes of image decoding.
     plan = lifecycle.plan_run_on_all_ranks(
         accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir
@@ -600,7 +604,6 @@ def finetune_pipeline_vae(
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from sdxl_ztsnr.console import run_script
+
+    run_script(main, parse_args)

@@ -382,12 +382,12 @@ def _open_rows(cache_dir: Path) -> datasets.Dataset:
 
 def download_cache(repo_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Local folder of a cache pushed to the Hub (precompute_latents.py --push_to_hub): snapshot_download of
-    its data files and side files. Raises FileNotFoundError with the fix when it cannot be fetched."""
+    its data files and side files. Raises a UserError with the fix when it cannot be fetched."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise FileNotFoundError(
+        raise UserError(
             f"--precomputed_dir {repo_id}: no such directory, and not a Hub dataset id (user/name) either"
         )
     try:
@@ -396,7 +396,7 @@ def download_cache(repo_id: str, revision: str | None = None, token: str | bool 
         )
     except (OSError, HfHubHTTPError) as error:  # offline, no such repo, no access
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
+        raise UserError(
             f"--precomputed_dir {repo_id}: no local directory of that name, and the Hub dataset could not be "
             f"fetched ({reason}); check the id (a cache pushed by precompute_latents.py --push_to_hub), log in "
             "(hf auth login) for a private one, and unset HF_HUB_OFFLINE to download"

@@ -187,6 +187,56 @@ def loading_model(name_or_path: str | os.PathLike, component: str | None = None)
         raise UserError(model_load_message(str(name_or_path), error, component)) from error
 
 
+def dataset_load_message(name: str, error: BaseException, flag: str = "--dataset_name") -> str:
+    """One line for a dataset that failed to load: a missing folder, a Hub id offline or not found, the fix."""
+    reason = _first_line(error)
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
+    if Path(name).expanduser().exists():
+        return (
+            f"{flag} {name}: cannot be read as a dataset ({reason}); pass a datasets save_to_disk folder, "
+            "a folder of data files (parquet, csv, json, images) or a Hub dataset id"
+        )
+    if looks_local or not _HUB_ID.match(name):
+        return (
+            f"{flag} {name}: no such folder, and it is not a Hugging Face Hub dataset id (owner/name) either"
+        )
+    if _hub_offline():
+        return (
+            f"{flag} {name}: not a local folder nor in the local datasets cache, and this machine is offline "
+            f"(HF_HUB_OFFLINE=1); check the spelling, or download it where there is a network "
+            f"(`hf download --repo-type dataset {name}`)"
+        )
+    return (
+        f"{flag} {name}: could not be loaded from the Hugging Face Hub ({reason}); check the id and the "
+        "network; a gated or private dataset needs `hf auth login` (or HF_TOKEN)"
+    )
+
+
+@contextmanager
+def loading_dataset(name: str, flag: str = "--dataset_name") -> Iterator[None]:
+    """Turn what `datasets.load_dataset` raises for a missing or unreachable dataset into a UserError."""
+    try:
+        yield
+    except (OSError, ConnectionError) as error:  # FileNotFoundError and datasets' not-found errors among them
+        raise UserError(dataset_load_message(name, error, flag)) from error
+
+
+def make_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """``mkdir -p`` for an output folder; a UserError naming ``flag`` when a file or a permission is in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"{flag} {path}: a file is in the way (it, or a folder above it); pass a folder"
+        ) from None
+    except PermissionError as error:
+        raise UserError(
+            f"{flag} {path}: cannot be created ({error.strerror}); pass a folder you can write to"
+        ) from None
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Script entry point.
 

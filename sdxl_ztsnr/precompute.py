@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sdxl_ztsnr import cache
 from sdxl_ztsnr.buckets import bucket_for, make_buckets, resize_to_bucket
-from sdxl_ztsnr.console import UserError, loading_model
+from sdxl_ztsnr.console import UserError, loading_dataset, loading_model, make_output_dir
 from sdxl_ztsnr.images import (
     DEFAULT_MAX_PIXELS,
     BadInputError,
@@ -101,20 +101,21 @@ class DatasetInputs:
             dataset = datasets.load_from_disk(name)
             if isinstance(dataset, datasets.DatasetDict):
                 if split not in dataset:
-                    raise ValueError(f"--dataset_name {name}: no split {split!r}; it has {list(dataset)}")
+                    raise UserError(f"--dataset_name {name}: no split {split!r}; it has {list(dataset)}")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(name, split=split)
+            with loading_dataset(name):
+                dataset = datasets.load_dataset(name, split=split)
         for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
             if column not in dataset.column_names:
-                raise ValueError(
+                raise UserError(
                     f"{flag} {column!r} is not a column of {name}; columns: {dataset.column_names}"
                 )
         if isinstance(dataset.features[image_column], datasets.Image):
             # Decode ourselves, so a bad image becomes a skipped row instead of an exception inside datasets.
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         if len(dataset) == 0:
-            raise ValueError(f"--dataset_name {name}: the dataset (split {split!r}) has no rows")
+            raise UserError(f"--dataset_name {name}: the dataset (split {split!r}) has no rows")
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -558,8 +559,7 @@ def precompute(
     if shard_size < 1 or max_token_chunks < 1:
         raise ValueError(f"shard_size ({shard_size}) and max_token_chunks ({max_token_chunks}) must be >= 1")
     started = time.time()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(output_dir)
     buckets = make_buckets(resolution, bucket_step, min_bucket_side, max_bucket_side)
     streamed = inputs.kind == "stream"  # no length up front: each rank reads its part of the stream
     sources = [] if streamed else [inputs.source(i) for i in range(len(inputs))]

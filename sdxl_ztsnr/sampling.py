@@ -482,6 +482,9 @@ def _load_single_file(path: Path, config, dtype: torch.dtype):
         raise UserError(f"--config {config}: not a diffusers SDXL directory (no model_index.json)")
     try:
         v_pred, ztsnr = single_file_markers(path)
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"--model {path}: not a readable .safetensors file ({_reason(error)})") from error
+    try:
         kwargs = {"config": str(config), "local_files_only": True} if config is not None else {}
         pipeline = StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from sdxl_ztsnr import cache
+from sdxl_ztsnr.console import UserError, loading_dataset
 from sdxl_ztsnr.images import image_from_cell
 from sdxl_ztsnr.precompute import _caption_text, prepare_input
 
@@ -95,12 +96,15 @@ class StreamingInputs:
         self.name, self.split, self.patterns = name, split, patterns
         self.files = [path for pattern in patterns for path in expand_braces(pattern)] or None
         try:
-            dataset = datasets.load_dataset(name, data_files=self.files, split=split, streaming=True)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(
+            with loading_dataset(name):  # offline or unreachable: one line that says so
+                dataset = datasets.load_dataset(name, data_files=self.files, split=split, streaming=True)
+        except UserError as error:
+            if not isinstance(error.__cause__, FileNotFoundError) or not patterns:
+                raise
+            raise UserError(
                 f"--dataset_name {name} --streaming"
                 + (f" --data_files {' '.join(patterns)}" if patterns else "")
-                + f": {error}; check the name and the files (a local save_to_disk directory: drop --streaming)"
+                + f": {error.__cause__}; check the name and the files (a local save_to_disk directory: drop --streaming)"
             ) from None
         columns = dataset.column_names or list(next(iter(dataset)))
         self.image_columns = _pick(columns, image_column, "image", IMAGE_EXTENSIONS, "--image_column", name)
@@ -198,7 +202,7 @@ def _pick(columns: list[str], wanted: str, default: str, fallbacks, flag: str, n
         return [wanted]
     present = [c for c in fallbacks if c in columns] if wanted == default else []
     if not present:
-        raise ValueError(f"{flag} {wanted!r} is not a column of the stream {name}; columns: {columns}")
+        raise UserError(f"{flag} {wanted!r} is not a column of the stream {name}; columns: {columns}")
     return present
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdxl_ztsnr.console import UserError
+
 DEFAULT_CLASS_WEIGHTS: dict[str, float] = {
     "character": 1.5,
     "style": 1.2,
@@ -53,10 +55,10 @@ def load_tag_frequencies(path: str | os.PathLike) -> dict[str, int]:
     """Read a {tag: count} JSON file written by save_tag_frequencies; raises ValueError naming the file."""
     data = _read_json(path, "tag frequency file")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: tag frequency file must hold a JSON object {{tag: count}}")
+        raise UserError(f"{path}: tag frequency file must hold a JSON object {{tag: count}}")
     for tag, count in data.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"{path}: count of tag {tag!r} must be a non-negative integer, got {count!r}")
+            raise UserError(f"{path}: count of tag {tag!r} must be a non-negative integer, got {count!r}")
     return dict(sorted(data.items()))
 
 
@@ -64,9 +66,9 @@ def _read_json(path: str | os.PathLike, what: str) -> object:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
+        raise UserError(f"{path}: {what} not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {what} is not valid UTF-8 JSON: {e}") from None
+        raise UserError(f"{path}: {what} is not valid UTF-8 JSON: {e}") from None
 
 
 def _normalise_tag(tag: str) -> str:

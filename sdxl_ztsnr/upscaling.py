@@ -150,15 +150,15 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
 
 def load_upscaler(path: str | os.PathLike):
     """An upscaler model (ESRGAN and kin) through spandrel, weights read without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--upscaler_model {path}: no such file")
     try:
         import spandrel
     except ImportError as error:
         raise UserError(
             f"--upscaler_model {path}: the spandrel package is needed (pip install spandrel)"
         ) from error
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--upscaler_model {path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -259,3 +259,86 @@ def test_train_script_user_errors(
     argv = [*args, *train, "--dataloader_num_workers", "0"]
     _check_user_error("train_sdxl_ztsnr.py", argv, expected, tmp_path, capsys, case == IN_A_FRESH_PROCESS)
     assert not (out / "unet").exists()
+
+
+# --- the sweep: each script, each kind of bad path or model, one line ------------------------------------------
+
+
+def _sweep_cases(tiny_sdxl, small_data, cache_at_128, tmp_path) -> dict[str, list[str]]:
+    """name -> [script, *argv, text the error line must hold]."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a model, not a folder")
+    fake_single_file = tmp_path / "model.safetensors"
+    fake_single_file.write_text("not safetensors")
+    image = next(small_data.glob("*.png"))
+    model = ["--model_path", str(tiny_sdxl)]
+    train = ["train_sdxl_ztsnr.py", "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1"]
+    precompute = ["precompute_latents.py", "--bucket_step", "32", "--num_workers", "0"]
+    vae = ["train_vae.py", "--max_train_steps", "1", "--perceptual_weight", "0", "--_lpips_random_backbone"]
+    vae += ["--output_dir", str(tmp_path / "v"), "--pretrained_model_name_or_path"]
+    upscale = ["upscale.py", "--image", str(image), "--model", str(tiny_sdxl)]
+    return {
+        "train: no such cache": [*train, *model, "--precomputed_dir", "DOES_NOT_EXIST", "DOES_NOT_EXIST: no such"],
+        "train: cache is a file": [*train, *model, "--precomputed_dir", str(a_file), "no such directory"],
+        "train: output is a file": [
+            train[0], *model, "--precomputed_dir", str(cache_at_128), "--output_dir", str(a_file), "a file is in the way"
+        ],
+        "train: no tag frequency file": [
+            *train, *model, "--precomputed_dir", str(cache_at_128), "--tag_frequency_path", "missing.json", "missing.json: tag frequency file not found"
+        ],
+        "train: tag class map not JSON": [
+            *train, *model, "--precomputed_dir", str(cache_at_128), "--tag_class_map", str(a_file), "not valid UTF-8 JSON"
+        ],
+        "precompute: no local dataset": [
+            *precompute, *model, "--dataset_name", "./no-such-dataset", "--output_dir", str(tmp_path / "p"), "no such folder"
+        ],
+        "precompute: Hub dataset offline": [
+            *precompute, *model, "--dataset_name", HUB_LIKE_ID, "--output_dir", str(tmp_path / "p"), "offline"
+        ],
+        "precompute: output is a file": [
+            *precompute, *model, "--train_data_dir", str(small_data), "--output_dir", str(a_file), "a file is in the way"
+        ],
+        "vae: model offline": [*vae, HUB_LIKE_ID, "--train_data_dir", str(small_data), "offline"],
+        "vae: no such data folder": [*vae, str(tiny_sdxl), "--train_data_dir", "nope", "no such folder"],
+        "vae: output is a file": [
+            vae[0], "--perceptual_weight", "0", "--pretrained_model_name_or_path", str(tiny_sdxl),
+            "--train_data_dir", str(small_data), "--output_dir", str(a_file), "a file is in the way"
+        ],
+        "upscale: output under a file": [*upscale, "--out", str(a_file / "x.png"), "a file is in the way"],
+        "upscale: no upscaler file": [
+            *upscale, "--out", str(tmp_path / "x.png"), "--upscaler_model", "nope.pth", "nope.pth: no such file"
+        ],
+        "upscale: not a safetensors file": [
+            "upscale.py", "--image", str(image), "--model", str(fake_single_file), "--out", str(tmp_path / "x.png"), "not a readable .safetensors file"
+        ],
+    }  # fmt: skip
+
+
+SWEEP = [
+    "train: no such cache",
+    "train: cache is a file",
+    "train: output is a file",
+    "train: no tag frequency file",
+    "train: tag class map not JSON",
+    "precompute: no local dataset",
+    "precompute: Hub dataset offline",
+    "precompute: output is a file",
+    "vae: model offline",  # in a fresh process: the script's own entry point
+    "vae: no such data folder",
+    "vae: output is a file",
+    "upscale: output under a file",
+    "upscale: no upscaler file",
+    "upscale: not a safetensors file",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SWEEP)
+def test_every_script_says_what_is_wrong_in_one_line(
+    case, tiny_sdxl, small_data, cache_at_128, tmp_path, capsys, fresh_accelerate_state, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    script, *argv = _sweep_cases(tiny_sdxl, small_data, cache_at_128, tmp_path)[case]
+    expected = argv.pop()
+    _check_user_error(script, argv, expected, tmp_path, capsys, case == "vae: model offline")

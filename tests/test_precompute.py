@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdxl_ztsnr import cache, precompute
 from sdxl_ztsnr.buckets import resize_to_bucket
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.tags import load_tag_frequencies, tag_frequencies
 from sdxl_ztsnr.text_encoding import CHUNK_LENGTH, load_text_encoders
 
@@ -498,10 +499,8 @@ def test_open_cache_local_staged_and_hub_id(demo_cache, tmp_path, monkeypatch):
 
 
 def test_open_cache_missing_id_offline_is_one_clear_line(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"nobody-here/no-such-cache: no local directory.*Hub"
-    ) as error:
+    with pytest.raises(UserError, match=r"nobody-here/no-such-cache: no local directory.*Hub") as error:
         cache.open_cache("nobody-here/no-such-cache")  # tests run with HF_HUB_OFFLINE=1
     assert "\n" not in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
-    with pytest.raises(FileNotFoundError, match="no such directory, and not a Hub dataset id"):
+    with pytest.raises(UserError, match="no such directory, and not a Hub dataset id"):
         cache.open_cache(str(tmp_path / "not" / "there"))

@@ -15,6 +15,7 @@ from PIL import Image
 from test_precompute import _load_script, _script  # the script runners the folder tests use
 
 from sdxl_ztsnr import cache, precompute
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.streaming_inputs import RankStream, StreamingInputs, expand_braces
 from sdxl_ztsnr.text_encoding import load_text_encoders
 
@@ -231,7 +232,7 @@ def test_resume_state_skips_to_the_file_it_ended_in(webdataset):
 def test_bad_columns_and_flags(webdataset, tiny_sdxl):
     with pytest.raises(ValueError, match=r"--image_column 'image_png'.*columns: \['jpg'"):
         StreamingInputs("webdataset", str(webdataset / PATTERN), image_column="image_png")
-    with pytest.raises(FileNotFoundError, match="--dataset_name webdataset --streaming --data_files"):
+    with pytest.raises(UserError, match="--dataset_name webdataset --streaming --data_files"):
         StreamingInputs("webdataset", str(webdataset / "missing-{0..1}.tar"))
     script = _load_script()
     base = ["--model_path", str(tiny_sdxl), "--output_dir", "out"]
