@@ -11,12 +11,14 @@ An alpha channel is upscaled on its own and kept (RGBA out).
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from sdxl_ztsnr.color_fix import COLOR_FIX_MODES
+from sdxl_ztsnr.console import make_output_dir
 from sdxl_ztsnr.sample import torch_dtype
 from sdxl_ztsnr.sampling import (
     A1111_SAMPLER_NAMES,
@@ -59,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--guidance_rescale", type=float, default=0.7)
     parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="-1 picks one at random (it is written to the image's parameters)"
+    )
     parser.add_argument("--sigma_max", type=float, default=NAI_SIGMA_MAX)
     parser.add_argument("--no_emphasis", action="store_true", help="read brackets in prompts as plain text")
     tiles = parser.add_argument_group("tiles")
@@ -102,8 +106,10 @@ def main(args: argparse.Namespace) -> Path:
     image = read_image(args.image)
     if OUTPUT_FORMATS[args.out.suffix.lower()] == "JPEG" and split_alpha(image)[1] is not None:
         raise UserError(f"--out {args.out}: JPEG cannot keep the alpha channel; use .png or .webp")
+    make_output_dir(args.out.parent, "--out")  # before minutes of sampling
     upscaler = load_upscaler(args.upscaler_model) if args.upscaler_model else None
     pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
+    seed = random.randrange(2**32) if args.seed == -1 else args.seed  # A1111's "random", as the sampler reads it
     result = upscale(
         pipeline,
         image,
@@ -115,7 +121,7 @@ def main(args: argparse.Namespace) -> Path:
         guidance_scale=args.guidance_scale,
         guidance_rescale=args.guidance_rescale,
         sampler=args.sampler,
-        seed=args.seed,
+        seed=seed,
         tiles=TileOptions(args.tile_size, args.padding, args.mask_blur, args.redraw),
         seams=SeamsFixOptions(
             args.seams_fix,
@@ -136,7 +142,7 @@ def main(args: argparse.Namespace) -> Path:
         "Steps": args.steps,
         "Sampler": A1111_SAMPLER_NAMES[args.sampler],
         "CFG scale": args.guidance_scale,
-        "Seed": args.seed,
+        "Seed": seed,
         "Size": f"{result.width}x{result.height}",
         "Model": Path(args.model).stem,
         "Denoising strength": args.denoise,
@@ -148,7 +154,6 @@ def main(args: argparse.Namespace) -> Path:
         else f"{args.seams_fix} denoise {args.seams_fix_denoise}",
         "Color fix": args.color_fix,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     fmt = OUTPUT_FORMATS[args.out.suffix.lower()]
     if fmt == "PNG":
         save_png(result, args.out, a1111_parameters(args.prompt, args.negative_prompt, settings))

@@ -23,8 +23,9 @@ WAVELET_LEVELS = 5
 def adain(result: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-channel (x − μ_x)/σ_x·σ_r + μ_r (Huang & Belongie 2017, eq. 8)."""
     dims = (-2, -1)
-    mean_x, std_x = result.mean(dims, keepdim=True), result.std(dims, keepdim=True)
-    mean_r, std_r = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
+    # Population std (correction=0): finite for a single pixel, where the unbiased one divides by zero.
+    mean_x, std_x = result.mean(dims, keepdim=True), result.std(dims, keepdim=True, correction=0)
+    mean_r, std_r = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True, correction=0)
     return ((result - mean_x) / (std_x + eps) * std_r + mean_r).clamp(0, 1)
 
 

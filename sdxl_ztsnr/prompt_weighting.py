@@ -45,8 +45,9 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
 
     for match in _PIECE.finditer(prompt):
         piece, weight = match.group(0), match.group(1)
-        if piece.startswith("\\") and len(piece) == 2:
-            fragments.append([piece[1], 1.0])
+        if piece.startswith("\\"):
+            if len(piece) == 2:  # an escape stands for its character; a backslash before anything else is
+                fragments.append([piece[1], 1.0])  # dropped, as A1111 drops it ("a\\b" reads "ab")
         elif piece == "(":
             open_round.append(len(fragments))
         elif piece == "[":

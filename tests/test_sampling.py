@@ -252,6 +252,10 @@ def test_parse_emphasis_reads_a1111_syntax():
     assert [w for _, w in parsed] == pytest.approx([1.0, 1.1, 1.0, 1.1])
     assert parse_emphasis("x) y:2") == [("x) y:2", 1.0)]  # unmatched closers and colons stay text
     assert parse_emphasis("") == [("", 1.0)]
+    # A backslash that escapes nothing is dropped, as A1111 drops it; one that escapes a backslash is kept.
+    assert parse_emphasis(r"a\b") == [("ab", 1.0)]
+    assert parse_emphasis("a\\") == [("a", 1.0)]
+    assert parse_emphasis(r"a\\b (c\d)") == [("a\\b ", 1.0), ("cd", 1.1)]
 
 
 def test_emphasis_weights_tokens_and_keeps_each_chunk_mean(pipe):

@@ -129,6 +129,17 @@ def test_color_fixes():
         color_fix(result, reference[:, :32], "adain")
 
 
+def test_adain_on_a_single_pixel_is_finite():
+    """One value per channel: its std is 0, not NaN (the unbiased estimate divides by n - 1 = 0)."""
+    reference, result = (
+        torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1),
+        torch.tensor([0.6, 0.1, 0.3]).view(3, 1, 1),
+    )
+    fixed = adain(result, reference)
+    assert torch.isfinite(fixed).all()
+    torch.testing.assert_close(fixed, reference)  # nothing to match but the mean
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Upscaling
 
@@ -298,6 +309,7 @@ def test_script_user_errors_are_one_line(tiny_sdxl, tmp_path, argv, message):
 def test_upscaler_model_without_spandrel_says_how_to_get_it(tiny_sdxl, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "spandrel", None)  # as if not installed (it is optional)
     synthetic(32, 32).save(tmp_path / "in.png")
+    (tmp_path / "x.pth").write_bytes(b"")  # the file is there: what is missing is the package
     with pytest.raises(UserError, match=r"--upscaler_model .*x.pth: the spandrel package is needed"):
         run_script("--model", str(tiny_sdxl), "--image", str(tmp_path / "in.png"), "--out",
                    str(tmp_path / "o.png"), "--upscaler_model", str(tmp_path / "x.pth"))  # fmt: skip
@@ -315,3 +327,21 @@ def test_corrupt_image_in_a_fresh_process_prints_one_line(tiny_sdxl, tmp_path):
     assert done.returncode == USER_ERROR_EXIT_CODE and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()  # the image is read before anything else prints
     assert line.startswith(f"error: --image {tmp_path / 'bad.png'}: not a readable image")
+
+
+def test_upscaler_model_that_is_not_there_is_named_before_anything_loads(tiny_sdxl, tmp_path):
+    synthetic(32, 32).save(tmp_path / "in.png")
+    with pytest.raises(UserError, match=r"--upscaler_model .*nope.pth: no such file"):
+        run_script("--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"), "--out",
+                   str(tmp_path / "o.png"), "--upscaler_model", str(tmp_path / "nope.pth"))  # fmt: skip
+
+
+def test_seed_minus_one_picks_a_random_seed_and_writes_it(tiny_sdxl, tmp_path):
+    synthetic(32, 32).save(tmp_path / "in.png")
+    seeds = []
+    for name in ("a.png", "b.png"):
+        out = run_script("--model", str(tiny_sdxl), "--image", str(tmp_path / "in.png"), "--out",
+                         str(tmp_path / name), "--steps", "2", "--scale", "1", "--seed", "-1")  # fmt: skip
+        with Image.open(out) as image:
+            seeds.append(int(re.search(r"Seed: (\d+),", image.text["parameters"]).group(1)))
+    assert seeds[0] != seeds[1]  # two draws from 2**32 values
