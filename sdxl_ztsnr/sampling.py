@@ -70,44 +70,70 @@ def training_alpha_bar(scheduler_config: Mapping, sigma_max: float = NAI_SIGMA_M
     return alphas_cumprod(True, sigma_max, scheduler_config.get("num_train_timesteps", 1000))
 
 
+# Config options under which diffusers computes its σ another way and refuses explicit `timesteps=`.
+_SIGMA_REWRITES = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+)
+
+
 def make_scheduler(
     sampler: Sampler,
     scheduler_config: Mapping,
     num_steps: int,
     alpha_bar: torch.Tensor | None = None,
 ):
-    """A diffusers Euler or DPM++ 2M scheduler with its timesteps set for ``num_steps`` steps.
+    """A diffusers Euler or DPM++ 2M scheduler with its timesteps set for ``num_steps`` steps (`set_ladder`)."""
+    scheduler = build_scheduler(sampler, scheduler_config)
+    set_ladder(scheduler, num_steps, alpha_bar)
+    return scheduler
 
-    With ``alpha_bar`` the ladder is `schedule.inference_sigmas(alpha_bar, num_steps)`: trailing timesteps
-    from t = T−1, first σ = σ_max, last 0; both schedulers step on exactly those σ. DPM++ 2M takes its
-    first step at first order (no history yet), where x̂₀ = √ᾱ·x − √(1−ᾱ)·v̂ is finite at σ = 20000.
-    Without ``alpha_bar`` the scheduler keeps the config's own spacing (an ε model's "leading" ladder).
-    """
+
+def build_scheduler(sampler: Sampler, scheduler_config: Mapping):
+    """diffusers' EulerDiscreteScheduler or DPMSolverMultistepScheduler (DPM++ 2M) from a model's config, no
+    timesteps set yet; the last σ is 0 either way."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     config["final_sigmas_type"] = "zero"
     if sampler == "euler":
-        scheduler = EulerDiscreteScheduler.from_config(config)
-    elif sampler == "dpmpp_2m":
-        scheduler = DPMSolverMultistepScheduler.from_config(
+        return EulerDiscreteScheduler.from_config(config)
+    if sampler == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(
             config,
             algorithm_type="dpmsolver++",
             solver_order=2,
             solver_type="midpoint",
             lower_order_final=True,
         )
-    else:
-        raise UserError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    raise UserError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+
+
+def set_ladder(scheduler, num_steps: int, alpha_bar: torch.Tensor | None = None) -> None:
+    """Set a `build_scheduler` scheduler's timesteps (n) and σ (n + 1) for ``num_steps`` steps; resets its state.
+
+    With ``alpha_bar`` the ladder is `schedule.inference_sigmas(alpha_bar, num_steps)`: trailing timesteps
+    from t = T−1, first σ = σ_max, last 0; both schedulers step on exactly those σ. DPM++ 2M takes its
+    first step at first order (no history yet), where x̂₀ = √ᾱ·x − √(1−ᾱ)·v̂ is finite at σ = 20000.
+    Without ``alpha_bar`` the scheduler keeps the config's own spacing (an ε model's "leading" ladder);
+    "trailing" gets its timesteps from `schedule.inference_timesteps`, diffusers' own but always n of them.
+    """
+    config = scheduler.config
     if alpha_bar is None:
-        scheduler.set_timesteps(num_steps)
-        return scheduler
+        if config.get("timestep_spacing") == "trailing" and not any(config.get(k) for k in _SIGMA_REWRITES):
+            timesteps = inference_timesteps(num_steps, config.num_train_timesteps)
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        else:
+            scheduler.set_timesteps(num_steps)
+        return
     timesteps = inference_timesteps(num_steps, len(alpha_bar))
     scheduler.set_timesteps(timesteps=timesteps.tolist())
     # Both schedulers read every σ from `sigmas` (step, input scaling, add_noise, init_noise_sigma); diffusers
     # derived them from its own ᾱ_T = 2⁻²⁴, so only the first differs: σ_max replaces 4096.
     scheduler.sigmas = inference_sigmas(alpha_bar, num_steps).to(torch.float32)
-    return scheduler
 
 
 def first_step(num_steps: int, strength: float) -> int:

@@ -20,18 +20,23 @@ from sdxl_ztsnr.console import USER_ERROR_EXIT_CODE, UserError
 from sdxl_ztsnr.export import save_single_file
 from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts, parse_emphasis
 from sdxl_ztsnr.sampling import (
+    SAMPLERS,
     EntropyScaledAttention,
     attention_scaling,
+    build_scheduler,
     denoise,
+    first_step,
     generate,
     load_pipeline,
     make_scheduler,
     micro_conditioning,
     pipeline_conditioning,
     seeded_noise,
+    set_ladder,
     training_alpha_bar,
 )
 from sdxl_ztsnr.schedule import alphas_cumprod, inference_sigmas, inference_timesteps, scheduler_config
+from sdxl_ztsnr.schedule import sigmas as sigmas_of
 from sdxl_ztsnr.text_encoding import encode_prompts
 from sdxl_ztsnr.validation import sample_images
 
@@ -101,6 +106,18 @@ class GaussianDenoiser(torch.nn.Module):
         return SimpleNamespace(sample=v.float())
 
 
+class RecordingDenoiser(GaussianDenoiser):
+    """`GaussianDenoiser` that records the timesteps it is called at."""
+
+    def __init__(self, sigma_of_t: dict[int, float]):
+        super().__init__(sigma_of_t)
+        self.seen: list[int] = []
+
+    def forward(self, x_vp, t, **kwargs):
+        self.seen.append(int(t))
+        return super().forward(x_vp, t)
+
+
 def reference_dpmpp_2m(denoiser: GaussianDenoiser, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     """DPM-Solver++(2M) in σ space (Lu et al. 2022, Algorithm 2), written out independently of diffusers."""
     old = None
@@ -167,6 +184,74 @@ def test_img2img_starts_on_the_ladder_point_the_strength_picks():
     scheduler = make_scheduler("euler", scheduler_config(), steps, alpha_bar)
     denoise(denoiser, scheduler, conditioning, torch.zeros(1, 6), torch.zeros(1, 4, 8, 8), init, 0.35, 1.0)
     assert seen == inference_timesteps(steps).tolist()[-4:]  # round(10 · 0.35) = 4 steps: t = 299 … 0 + 99
+
+
+STRENGTHS = (0.05, 0.35, 0.5, 1.0)  # 1.0 is text-to-image's whole ladder
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_scheduler_ladder_for_every_step_count(sampler):
+    """Issue 16: for every n in 1..1000 the scheduler holds n timesteps and the n + 1 σ of inference_sigmas, and
+    image-to-image runs max(1, round(n·strength)) of them, noising the image to the σ of the first it runs."""
+    config = scheduler_config()
+    alpha_bar = training_alpha_bar(config)
+    sigma_of_t = sigmas_of(alpha_bar)
+    scheduler = build_scheduler(sampler, config)  # what make_scheduler builds, reused: building costs ~1 ms
+    for n in range(1, 1001):
+        set_ladder(scheduler, n, alpha_bar)
+        timesteps = scheduler.timesteps.long()
+        assert timesteps.tolist() == inference_timesteps(n).tolist(), n
+        assert torch.equal(scheduler.sigmas, inference_sigmas(alpha_bar, n)), n
+        for strength in STRENGTHS:
+            start = first_step(len(timesteps), strength)
+            assert len(timesteps[start:]) == max(1, round(n * strength)), (n, strength)
+            sigma = float(scheduler.sigmas[start])
+            assert sigma == pytest.approx(float(sigma_of_t[timesteps[start]]), rel=1e-6)
+            scheduler.set_begin_index(start)
+            noised = float(scheduler.add_noise(torch.zeros(1), torch.ones(1), timesteps[start : start + 1]))
+            # Euler steps on x₀ + σ·ε, DPM++ on its variance-preserving form (x₀ + σ·ε)/√(1+σ²).
+            expected = sigma if sampler == "euler" else sigma / math.sqrt(1 + sigma**2)
+            assert noised == pytest.approx(expected, rel=1e-5), (n, strength)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_denoise_runs_the_whole_ladder_for_step_counts_diffusers_got_wrong(sampler):
+    """The loop itself, on n where diffusers' trailing rule gave n + 1 timesteps: it calls the model on exactly
+    the ladder's last max(1, round(n·strength)) timesteps and ends on σ = 0."""
+    alpha_bar = alphas_cumprod()
+    conditioning = SimpleNamespace(tensors=lambda: (torch.zeros(1, 77, 8), torch.zeros(1, 4)) * 2)
+    for n in (61, 103, 121):
+        ladder = inference_timesteps(n).tolist()
+        denoiser = RecordingDenoiser(dict(zip(ladder, inference_sigmas(alpha_bar, n).tolist(), strict=False)))
+        for strength in (1.0, 0.35):
+            denoiser.seen.clear()
+            scheduler = make_scheduler(sampler, scheduler_config(), n, alpha_bar)
+            init = None if strength == 1.0 else torch.full((1, 4, 8, 8), 0.3)
+            noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+            out = denoise(denoiser, scheduler, conditioning, torch.zeros(1, 6), noise, init, strength, 1.0)
+            assert denoiser.seen == ladder[n - max(1, round(n * strength)) :], (n, strength)
+            assert scheduler.step_index == n and float(scheduler.sigmas[scheduler.step_index]) == 0.0
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_own_trailing_spacing_gets_n_timesteps(sampler):
+    """A model without ZTSNR whose config says "trailing" samples on diffusers' own ladder, n timesteps long."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    config = scheduler_config(ztsnr=False)
+    assert training_alpha_bar(config) is None and config["timestep_spacing"] == "trailing"
+    own_class = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
+    own = own_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    wrong = [n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)) != n]  # 61, 103, 121, ...
+    assert wrong[:3] == [61, 103, 121]
+    ours = build_scheduler(sampler, config)
+    for n in [1, 10, 28, 1000, *wrong]:
+        set_ladder(ours, n)
+        own.set_timesteps(n)
+        assert ours.timesteps.long().tolist() == own.timesteps[:n].long().tolist(), n
+        torch.testing.assert_close(ours.sigmas[:n], own.sigmas[:n])
+        assert len(ours.sigmas) == n + 1 and ours.sigmas[-1] == 0 and ours.timesteps.min() >= 0, n
 
 
 # ---------------------------------------------------------------------------------------------------------------
