@@ -23,7 +23,9 @@ from sdxl_ztsnr.sampling import (
     SAMPLERS,
     EntropyScaledAttention,
     attention_scaling,
+    batches_by_chunks,
     build_scheduler,
+    conditioning_chunks,
     denoise,
     first_step,
     generate,
@@ -42,6 +44,8 @@ from sdxl_ztsnr.validation import sample_images
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(height=64, width=64, num_steps=2)
+WORDS = "red blue green yellow cat dog tree sky".split()  # one token each in the tiny vocabulary
+LONG_PROMPT = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # two chunks
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +304,69 @@ def test_batched_images_equal_one_by_one(pipe):
     for a, b in zip(together, alone, strict=True):
         assert np.abs(as_array(a) - as_array(b)).max() <= 1
     assert np.abs(as_array(together[0]) - as_array(together[1])).mean() > 1
+
+
+def test_batches_by_chunks_groups_rows_of_one_count_in_order():
+    assert batches_by_chunks([1, 2, 1, 1, 2, 3], 2) == [[0, 2], [3], [1, 4], [5]]
+    assert batches_by_chunks([2, 2, 2], 1) == [[0], [1], [2]]
+    assert batches_by_chunks([], 4) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        batches_by_chunks([1], 0)
+
+
+def test_conditioning_chunks_are_what_a_row_alone_is_encoded_with(pipe):
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    prompts = ["cat", LONG_PROMPT, "cat", f"({LONG_PROMPT}:1.2)", "(" * 80 + "cat"]
+    negatives = ["", "", LONG_PROMPT, "", ""]
+    counts = conditioning_chunks(tokenizers, prompts, negatives)
+    assert counts == [1, 2, 2, 2, 1]  # emphasis markup is not text; without emphasis the 80 "(" are
+    assert conditioning_chunks(tokenizers, prompts, negatives, emphasis=False)[3:] == [2, 2]
+    for prompt, negative, count in zip(prompts, negatives, counts, strict=True):
+        alone = pipeline_conditioning(pipe, [prompt], [negative])
+        assert alone.prompt_embeds.shape[1] == alone.negative_prompt_embeds.shape[1] == 77 * count
+
+
+# How close a batched image's latents come to the one sampled alone. Not bitwise: CPU matmuls of batches of 2 and
+# 1 round differently (measured ≤ 5e-6 with DPM++). Euler's first step from σ = 20000 sums terms of ~20000·ε in
+# fp32 (ulp ~2e-3), which turns such a difference into a rounding step of its result now and then (measured
+# 2.5e-4 on one row); both stay far below what padding with empty chunks changes (0.09).
+BATCH_TOLERANCE = {"dpmpp_2m": 2e-5, "euler": 1e-3}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_mixed_length_batch_gives_each_image_as_alone(pipe, sampler):
+    """Issue 16: short and > 75-token prompts and negatives in one batch; each image equals the one sampled
+    alone with its seed, where one UNet call for the batch padded the short rows with empty chunks."""
+    prompts = ["1girl, solo", LONG_PROMPT, "blue sky", "red hair"]
+    negatives = ["", "low quality", LONG_PROMPT, "worst quality"]  # row 2: short prompt, long negative
+    seeds = [5, 6, 7, 8]
+    options = dict(SMALL, sampler=sampler, output_type="latent")
+    together = generate(pipe, prompts, negatives, seeds, batch_size=4, **options)
+    for prompt, negative, seed, batched in zip(prompts, negatives, seeds, together, strict=True):
+        alone = generate(pipe, [prompt], [negative], [seed], **options)[0]
+        assert batched.shape == alone.shape == (4, 8, 8)
+        torch.testing.assert_close(batched, alone, rtol=0, atol=BATCH_TOLERANCE[sampler])
+    # The tolerance tells the two apart: the short prompt padded to two chunks, as one UNet call for rows 0
+    # and 1 pads it, samples latents far from its own.
+    padded = pipeline_conditioning(pipe, prompts[:2], negatives[:2])
+    assert padded.prompt_embeds.shape[1] == 2 * 77
+    alpha_bar = training_alpha_bar(pipe.scheduler.config)
+    latents = denoise(
+        pipe.unet,
+        make_scheduler(sampler, pipe.scheduler.config, SMALL["num_steps"], alpha_bar),
+        padded,
+        micro_conditioning((64, 64), (0, 0), (64, 64)).expand(2, -1),
+        seeded_noise((4, 8, 8), seeds[:2]),
+    )
+    assert (latents[0] - together[0]).abs().max() > 50 * BATCH_TOLERANCE[sampler]
+
+
+def test_generate_returns_images_in_prompt_order_across_chunk_groups(pipe):
+    prompts, seeds = ["cat", LONG_PROMPT, "cat"], [1, 2, 1]
+    images = generate(pipe, prompts, [""] * 3, seeds, batch_size=3, **SMALL)
+    assert [image.size for image in images] == [(64, 64)] * 3
+    assert np.array_equal(as_array(images[0]), as_array(images[2]))  # rows 0 and 2 share a UNet call
+    assert np.abs(as_array(images[0]) - as_array(images[1])).mean() > 0.5
 
 
 def test_prompt_over_75_tokens_changes_the_image(pipe):
