@@ -110,6 +110,14 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted.reshape(hidden.shape).to(hidden.dtype)
 
 
+def prompt_chunk_counts(
+    prompts: Sequence[str], tokenizers: Sequence, max_chunks: int = 3, emphasis: bool = True
+) -> list[int]:
+    """Chunks each prompt gets when `encode_weighted_prompts` encodes it alone; a batch gets its rows' most."""
+    texts = [plain_text(parse_emphasis(prompt)) for prompt in prompts] if emphasis else list(prompts)
+    return count_chunks(texts, tokenizers, max_chunks)
+
+
 @torch.no_grad()
 def encode_weighted_prompts(
     prompts: Sequence[str],

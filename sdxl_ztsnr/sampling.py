@@ -7,8 +7,8 @@
 - Conditioning: both CLIP encoders through the training chunking (75-token chunks concatenated), A1111
   emphasis (`sdxl_ztsnr.prompt_weighting`), per-sample SDXL micro-conditioning.
 - One loop (`denoise`) for text-to-image and image-to-image: the strength picks where on the ladder it starts.
-  CFG with rescale φ (Lin et al. 2023, eq. 15-16). Every image or tile has its own seed, so a batch gives the
-  same images as one at a time.
+  CFG with rescale φ (Lin et al. 2023, eq. 15-16). Every image or tile has its own seed, and a UNet call batches
+  only prompts of one chunk count, so a batch gives the same images as one at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdxl_ztsnr.console import UserError, loading_model
-from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts
+from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts, prompt_chunk_counts
 from sdxl_ztsnr.schedule import (
     NAI_SIGMA_MAX,
     SDXL_BETA_END,
@@ -70,44 +70,70 @@ def training_alpha_bar(scheduler_config: Mapping, sigma_max: float = NAI_SIGMA_M
     return alphas_cumprod(True, sigma_max, scheduler_config.get("num_train_timesteps", 1000))
 
 
+# Config options under which diffusers computes its σ another way and refuses explicit `timesteps=`.
+_SIGMA_REWRITES = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+)
+
+
 def make_scheduler(
     sampler: Sampler,
     scheduler_config: Mapping,
     num_steps: int,
     alpha_bar: torch.Tensor | None = None,
 ):
-    """A diffusers Euler or DPM++ 2M scheduler with its timesteps set for ``num_steps`` steps.
+    """A diffusers Euler or DPM++ 2M scheduler with its timesteps set for ``num_steps`` steps (`set_ladder`)."""
+    scheduler = build_scheduler(sampler, scheduler_config)
+    set_ladder(scheduler, num_steps, alpha_bar)
+    return scheduler
 
-    With ``alpha_bar`` the ladder is `schedule.inference_sigmas(alpha_bar, num_steps)`: trailing timesteps
-    from t = T−1, first σ = σ_max, last 0; both schedulers step on exactly those σ. DPM++ 2M takes its
-    first step at first order (no history yet), where x̂₀ = √ᾱ·x − √(1−ᾱ)·v̂ is finite at σ = 20000.
-    Without ``alpha_bar`` the scheduler keeps the config's own spacing (an ε model's "leading" ladder).
-    """
+
+def build_scheduler(sampler: Sampler, scheduler_config: Mapping):
+    """diffusers' EulerDiscreteScheduler or DPMSolverMultistepScheduler (DPM++ 2M) from a model's config, no
+    timesteps set yet; the last σ is 0 either way."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     config["final_sigmas_type"] = "zero"
     if sampler == "euler":
-        scheduler = EulerDiscreteScheduler.from_config(config)
-    elif sampler == "dpmpp_2m":
-        scheduler = DPMSolverMultistepScheduler.from_config(
+        return EulerDiscreteScheduler.from_config(config)
+    if sampler == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(
             config,
             algorithm_type="dpmsolver++",
             solver_order=2,
             solver_type="midpoint",
             lower_order_final=True,
         )
-    else:
-        raise UserError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    raise UserError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+
+
+def set_ladder(scheduler, num_steps: int, alpha_bar: torch.Tensor | None = None) -> None:
+    """Set a `build_scheduler` scheduler's timesteps (n) and σ (n + 1) for ``num_steps`` steps; resets its state.
+
+    With ``alpha_bar`` the ladder is `schedule.inference_sigmas(alpha_bar, num_steps)`: trailing timesteps
+    from t = T−1, first σ = σ_max, last 0; both schedulers step on exactly those σ. DPM++ 2M takes its
+    first step at first order (no history yet), where x̂₀ = √ᾱ·x − √(1−ᾱ)·v̂ is finite at σ = 20000.
+    Without ``alpha_bar`` the scheduler keeps the config's own spacing (an ε model's "leading" ladder);
+    "trailing" gets its timesteps from `schedule.inference_timesteps`, diffusers' own but always n of them.
+    """
+    config = scheduler.config
     if alpha_bar is None:
-        scheduler.set_timesteps(num_steps)
-        return scheduler
+        if config.get("timestep_spacing") == "trailing" and not any(config.get(k) for k in _SIGMA_REWRITES):
+            timesteps = inference_timesteps(num_steps, config.num_train_timesteps)
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        else:
+            scheduler.set_timesteps(num_steps)
+        return
     timesteps = inference_timesteps(num_steps, len(alpha_bar))
     scheduler.set_timesteps(timesteps=timesteps.tolist())
     # Both schedulers read every σ from `sigmas` (step, input scaling, add_noise, init_noise_sigma); diffusers
     # derived them from its own ᾱ_T = 2⁻²⁴, so only the first differs: σ_max replaces 4096.
     scheduler.sigmas = inference_sigmas(alpha_bar, num_steps).to(torch.float32)
-    return scheduler
 
 
 def first_step(num_steps: int, strength: float) -> int:
@@ -151,7 +177,10 @@ def encode_conditioning(
 ) -> Conditioning:
     """Encode prompts and negatives together so both get the same number of chunks (the shorter are padded
     with empty chunks, which is what encoding them with more chunks gives). An empty negative is all zeros
-    when the model says ``force_zeros_for_empty_prompt`` (SDXL's choice), else the encoded empty prompt."""
+    when the model says ``force_zeros_for_empty_prompt`` (SDXL's choice), else the encoded empty prompt.
+
+    Padding is not neutral: cross-attention spreads its softmax over the padding tokens too, so a row's image
+    depends on the batch's chunk count. Batch only rows of equal `conditioning_chunks` for images that do not."""
     if len(prompts) != len(negative_prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     embeds, pooled = encode_weighted_prompts(
@@ -164,6 +193,28 @@ def encode_conditioning(
         negative_embeds[empty] = 0.0
         negative_pooled[empty] = 0.0
     return Conditioning(embeds[:count], pooled[:count], negative_embeds, negative_pooled)
+
+
+def conditioning_chunks(
+    tokenizers: Sequence,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    emphasis: bool = True,
+    max_chunks: int = 3,
+) -> list[int]:
+    """Chunks `encode_conditioning` gives row i alone: its prompt's or its negative's count, the larger."""
+    counts = prompt_chunk_counts([*prompts, *negative_prompts], tokenizers, max_chunks, emphasis)
+    return [max(pair) for pair in zip(counts[: len(prompts)], counts[len(prompts) :], strict=True)]
+
+
+def batches_by_chunks(chunk_counts: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most ``batch_size`` rows of one chunk count; rows keep their order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: dict[int, list[int]] = {}
+    for row, count in enumerate(chunk_counts):
+        groups.setdefault(count, []).append(row)
+    return [rows[i : i + batch_size] for rows in groups.values() for i in range(0, len(rows), batch_size)]
 
 
 def pipeline_conditioning(pipeline, prompts, negative_prompts, emphasis: bool = True) -> Conditioning:
@@ -384,16 +435,20 @@ def generate(
     batch_size: int = 1,
     base_resolution: int | None = None,
     on_step: Callable[[], None] | None = None,
-) -> list[Image.Image]:
+    output_type: Literal["pil", "latent"] = "pil",
+) -> list[Image.Image] | list[torch.Tensor]:
     """One image per (prompt, negative, seed) from a StableDiffusionXLPipeline's components.
 
     ``alpha_bar`` fixes the schedule (validation passes the training one); None reads it from the pipeline's
     scheduler config (`training_alpha_bar`); the prediction type always comes from that config. ``base_resolution`` turns on
-    attention scaling for canvases larger than base_resolution². Image i depends only on its own prompt and
-    seed, not on ``batch_size``.
+    attention scaling for canvases larger than base_resolution². Image i depends only on its own prompt,
+    negative and seed, not on ``batch_size`` or the other prompts: a UNet call batches only rows of one chunk
+    count (`batches_by_chunks`). ``output_type="latent"`` returns the (4, h, w) fp32 latents instead of images.
     """
     if not len(prompts) == len(negative_prompts) == len(seeds):
         raise ValueError("generate: prompts, negative_prompts and seeds must have the same length")
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"generate: output_type must be 'pil' or 'latent', got {output_type!r}")
     multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise UserError(
@@ -409,25 +464,32 @@ def generate(
         height // pipeline.vae_scale_factor,
         width // pipeline.vae_scale_factor,
     )
-    images: list[Image.Image] = []
+    tokenizers = (pipeline.tokenizer, pipeline.tokenizer_2)
+    chunks = conditioning_chunks(tokenizers, prompts, negative_prompts, emphasis)
+    outputs: list = [None] * len(prompts)
     with attention_scaling(pipeline.unet, ratio):
-        for start in range(0, len(prompts), batch_size):
-            rows = slice(start, start + batch_size)
-            conditioning = pipeline_conditioning(pipeline, prompts[rows], negative_prompts[rows], emphasis)
-            scheduler = make_scheduler(sampler, config, num_steps, alpha_bar)
-            count = len(prompts[rows])
+        for rows in batches_by_chunks(chunks, batch_size):
+            conditioning = pipeline_conditioning(
+                pipeline, [prompts[i] for i in rows], [negative_prompts[i] for i in rows], emphasis
+            )
             latents = denoise(
                 pipeline.unet,
-                scheduler,
+                make_scheduler(sampler, config, num_steps, alpha_bar),
                 conditioning,
-                time_ids.expand(count, -1),
-                seeded_noise(latent_shape, seeds[rows]),
+                time_ids.expand(len(rows), -1),
+                seeded_noise(latent_shape, [seeds[i] for i in rows]),
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
                 on_step=on_step,
             )
-            images.extend(to_pil(decode_latents(pipeline.vae, latents)))
-    return images
+            done = (
+                list(latents.cpu())
+                if output_type == "latent"
+                else to_pil(decode_latents(pipeline.vae, latents))
+            )
+            for row, output in zip(rows, done, strict=True):
+                outputs[row] = output
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------------------

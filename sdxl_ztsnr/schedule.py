@@ -20,6 +20,7 @@ import argparse
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 SDXL_BETA_START = 0.00085
@@ -181,11 +182,15 @@ def sample_timesteps(
 
 
 def inference_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """Trailing spacing (Lin et al. 2023, Table 2): start at t = T−1, step T/n; LongTensor (n,)."""
+    """Trailing spacing (Lin et al. 2023, Table 2): t_i = round(T − i·T/n) − 1, i < n; LongTensor (n,), T−1 first."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     step = num_train_timesteps / num_steps
-    return (torch.arange(num_train_timesteps, 0, -step, dtype=torch.float64).round() - 1).long()
+    # diffusers' trailing rule, np.round(np.arange(T, 0, -T/n)) - 1, with its float64 values (so ties such as
+    # 937.5 round as there), but exactly n of them: arange takes ceil(T / fl(T/n)) values, n + 1 where T/n
+    # rounds down (n = 61, 103, 121, ...), and the extra one, ~1e-13, would be t = -1.
+    points = np.arange(num_train_timesteps, 0, -step)[:num_steps]
+    return torch.from_numpy(np.round(points)).long() - 1
 
 
 def inference_sigmas(alpha_bar: torch.Tensor, num_steps: int, shift: float = 1.0) -> torch.Tensor:

@@ -20,23 +20,32 @@ from sdxl_ztsnr.console import USER_ERROR_EXIT_CODE, UserError
 from sdxl_ztsnr.export import save_single_file
 from sdxl_ztsnr.prompt_weighting import encode_weighted_prompts, parse_emphasis
 from sdxl_ztsnr.sampling import (
+    SAMPLERS,
     EntropyScaledAttention,
     attention_scaling,
+    batches_by_chunks,
+    build_scheduler,
+    conditioning_chunks,
     denoise,
+    first_step,
     generate,
     load_pipeline,
     make_scheduler,
     micro_conditioning,
     pipeline_conditioning,
     seeded_noise,
+    set_ladder,
     training_alpha_bar,
 )
 from sdxl_ztsnr.schedule import alphas_cumprod, inference_sigmas, inference_timesteps, scheduler_config
+from sdxl_ztsnr.schedule import sigmas as sigmas_of
 from sdxl_ztsnr.text_encoding import encode_prompts
 from sdxl_ztsnr.validation import sample_images
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(height=64, width=64, num_steps=2)
+WORDS = "red blue green yellow cat dog tree sky".split()  # one token each in the tiny vocabulary
+LONG_PROMPT = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # two chunks
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +108,18 @@ class GaussianDenoiser(torch.nn.Module):
         a = 1.0 / (1.0 + sigma**2)
         v = (math.sqrt(a) * x_vp.double() - self.x0(x_vp.double(), sigma)) / math.sqrt(1 - a)
         return SimpleNamespace(sample=v.float())
+
+
+class RecordingDenoiser(GaussianDenoiser):
+    """`GaussianDenoiser` that records the timesteps it is called at."""
+
+    def __init__(self, sigma_of_t: dict[int, float]):
+        super().__init__(sigma_of_t)
+        self.seen: list[int] = []
+
+    def forward(self, x_vp, t, **kwargs):
+        self.seen.append(int(t))
+        return super().forward(x_vp, t)
 
 
 def reference_dpmpp_2m(denoiser: GaussianDenoiser, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
@@ -169,6 +190,74 @@ def test_img2img_starts_on_the_ladder_point_the_strength_picks():
     assert seen == inference_timesteps(steps).tolist()[-4:]  # round(10 · 0.35) = 4 steps: t = 299 … 0 + 99
 
 
+STRENGTHS = (0.05, 0.35, 0.5, 1.0)  # 1.0 is text-to-image's whole ladder
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_scheduler_ladder_for_every_step_count(sampler):
+    """Issue 16: for every n in 1..1000 the scheduler holds n timesteps and the n + 1 σ of inference_sigmas, and
+    image-to-image runs max(1, round(n·strength)) of them, noising the image to the σ of the first it runs."""
+    config = scheduler_config()
+    alpha_bar = training_alpha_bar(config)
+    sigma_of_t = sigmas_of(alpha_bar)
+    scheduler = build_scheduler(sampler, config)  # what make_scheduler builds, reused: building costs ~1 ms
+    for n in range(1, 1001):
+        set_ladder(scheduler, n, alpha_bar)
+        timesteps = scheduler.timesteps.long()
+        assert timesteps.tolist() == inference_timesteps(n).tolist(), n
+        assert torch.equal(scheduler.sigmas, inference_sigmas(alpha_bar, n)), n
+        for strength in STRENGTHS:
+            start = first_step(len(timesteps), strength)
+            assert len(timesteps[start:]) == max(1, round(n * strength)), (n, strength)
+            sigma = float(scheduler.sigmas[start])
+            assert sigma == pytest.approx(float(sigma_of_t[timesteps[start]]), rel=1e-6)
+            scheduler.set_begin_index(start)
+            noised = float(scheduler.add_noise(torch.zeros(1), torch.ones(1), timesteps[start : start + 1]))
+            # Euler steps on x₀ + σ·ε, DPM++ on its variance-preserving form (x₀ + σ·ε)/√(1+σ²).
+            expected = sigma if sampler == "euler" else sigma / math.sqrt(1 + sigma**2)
+            assert noised == pytest.approx(expected, rel=1e-5), (n, strength)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_denoise_runs_the_whole_ladder_for_step_counts_diffusers_got_wrong(sampler):
+    """The loop itself, on n where diffusers' trailing rule gave n + 1 timesteps: it calls the model on exactly
+    the ladder's last max(1, round(n·strength)) timesteps and ends on σ = 0."""
+    alpha_bar = alphas_cumprod()
+    conditioning = SimpleNamespace(tensors=lambda: (torch.zeros(1, 77, 8), torch.zeros(1, 4)) * 2)
+    for n in (61, 103, 121):
+        ladder = inference_timesteps(n).tolist()
+        denoiser = RecordingDenoiser(dict(zip(ladder, inference_sigmas(alpha_bar, n).tolist(), strict=False)))
+        for strength in (1.0, 0.35):
+            denoiser.seen.clear()
+            scheduler = make_scheduler(sampler, scheduler_config(), n, alpha_bar)
+            init = None if strength == 1.0 else torch.full((1, 4, 8, 8), 0.3)
+            noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+            out = denoise(denoiser, scheduler, conditioning, torch.zeros(1, 6), noise, init, strength, 1.0)
+            assert denoiser.seen == ladder[n - max(1, round(n * strength)) :], (n, strength)
+            assert scheduler.step_index == n and float(scheduler.sigmas[scheduler.step_index]) == 0.0
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_own_trailing_spacing_gets_n_timesteps(sampler):
+    """A model without ZTSNR whose config says "trailing" samples on diffusers' own ladder, n timesteps long."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    config = scheduler_config(ztsnr=False)
+    assert training_alpha_bar(config) is None and config["timestep_spacing"] == "trailing"
+    own_class = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
+    own = own_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    wrong = [n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)) != n]  # 61, 103, 121, ...
+    assert wrong[:3] == [61, 103, 121]
+    ours = build_scheduler(sampler, config)
+    for n in [1, 10, 28, 1000, *wrong]:
+        set_ladder(ours, n)
+        own.set_timesteps(n)
+        assert ours.timesteps.long().tolist() == own.timesteps[:n].long().tolist(), n
+        torch.testing.assert_close(ours.sigmas[:n], own.sigmas[:n])
+        assert len(ours.sigmas) == n + 1 and ours.sigmas[-1] == 0 and ours.timesteps.min() >= 0, n
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Against diffusers' own pipeline
 
@@ -215,6 +304,69 @@ def test_batched_images_equal_one_by_one(pipe):
     for a, b in zip(together, alone, strict=True):
         assert np.abs(as_array(a) - as_array(b)).max() <= 1
     assert np.abs(as_array(together[0]) - as_array(together[1])).mean() > 1
+
+
+def test_batches_by_chunks_groups_rows_of_one_count_in_order():
+    assert batches_by_chunks([1, 2, 1, 1, 2, 3], 2) == [[0, 2], [3], [1, 4], [5]]
+    assert batches_by_chunks([2, 2, 2], 1) == [[0], [1], [2]]
+    assert batches_by_chunks([], 4) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        batches_by_chunks([1], 0)
+
+
+def test_conditioning_chunks_are_what_a_row_alone_is_encoded_with(pipe):
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    prompts = ["cat", LONG_PROMPT, "cat", f"({LONG_PROMPT}:1.2)", "(" * 80 + "cat"]
+    negatives = ["", "", LONG_PROMPT, "", ""]
+    counts = conditioning_chunks(tokenizers, prompts, negatives)
+    assert counts == [1, 2, 2, 2, 1]  # emphasis markup is not text; without emphasis the 80 "(" are
+    assert conditioning_chunks(tokenizers, prompts, negatives, emphasis=False)[3:] == [2, 2]
+    for prompt, negative, count in zip(prompts, negatives, counts, strict=True):
+        alone = pipeline_conditioning(pipe, [prompt], [negative])
+        assert alone.prompt_embeds.shape[1] == alone.negative_prompt_embeds.shape[1] == 77 * count
+
+
+# How close a batched image's latents come to the one sampled alone. Not bitwise: CPU matmuls of batches of 2 and
+# 1 round differently (measured ≤ 5e-6 with DPM++). Euler's first step from σ = 20000 sums terms of ~20000·ε in
+# fp32 (ulp ~2e-3), which turns such a difference into a rounding step of its result now and then (measured
+# 2.5e-4 on one row); both stay far below what padding with empty chunks changes (0.09).
+BATCH_TOLERANCE = {"dpmpp_2m": 2e-5, "euler": 1e-3}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_mixed_length_batch_gives_each_image_as_alone(pipe, sampler):
+    """Issue 16: short and > 75-token prompts and negatives in one batch; each image equals the one sampled
+    alone with its seed, where one UNet call for the batch padded the short rows with empty chunks."""
+    prompts = ["1girl, solo", LONG_PROMPT, "blue sky", "red hair"]
+    negatives = ["", "low quality", LONG_PROMPT, "worst quality"]  # row 2: short prompt, long negative
+    seeds = [5, 6, 7, 8]
+    options = dict(SMALL, sampler=sampler, output_type="latent")
+    together = generate(pipe, prompts, negatives, seeds, batch_size=4, **options)
+    for prompt, negative, seed, batched in zip(prompts, negatives, seeds, together, strict=True):
+        alone = generate(pipe, [prompt], [negative], [seed], **options)[0]
+        assert batched.shape == alone.shape == (4, 8, 8)
+        torch.testing.assert_close(batched, alone, rtol=0, atol=BATCH_TOLERANCE[sampler])
+    # The tolerance tells the two apart: the short prompt padded to two chunks, as one UNet call for rows 0
+    # and 1 pads it, samples latents far from its own.
+    padded = pipeline_conditioning(pipe, prompts[:2], negatives[:2])
+    assert padded.prompt_embeds.shape[1] == 2 * 77
+    alpha_bar = training_alpha_bar(pipe.scheduler.config)
+    latents = denoise(
+        pipe.unet,
+        make_scheduler(sampler, pipe.scheduler.config, SMALL["num_steps"], alpha_bar),
+        padded,
+        micro_conditioning((64, 64), (0, 0), (64, 64)).expand(2, -1),
+        seeded_noise((4, 8, 8), seeds[:2]),
+    )
+    assert (latents[0] - together[0]).abs().max() > 50 * BATCH_TOLERANCE[sampler]
+
+
+def test_generate_returns_images_in_prompt_order_across_chunk_groups(pipe):
+    prompts, seeds = ["cat", LONG_PROMPT, "cat"], [1, 2, 1]
+    images = generate(pipe, prompts, [""] * 3, seeds, batch_size=3, **SMALL)
+    assert [image.size for image in images] == [(64, 64)] * 3
+    assert np.array_equal(as_array(images[0]), as_array(images[2]))  # rows 0 and 2 share a UNet call
+    assert np.abs(as_array(images[0]) - as_array(images[1])).mean() > 0.5
 
 
 def test_prompt_over_75_tokens_changes_the_image(pipe):

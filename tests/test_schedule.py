@@ -179,6 +179,37 @@ def test_inference_ladder_trailing_and_matches_diffusers_scheduler():
     assert scheduler.sigmas[0].item() == pytest.approx(4096, rel=1e-3)
 
 
+def test_ten_step_ladder_is_the_design_one():
+    ladder = S.inference_sigmas(S.alphas_cumprod(), 10).tolist()
+    design = [20000, 18.1, 7.41, 4.11, 2.6, 1.77, 1.24, 0.875, 0.595, 0.355, 0]  # DESIGN.md, 3 digits
+    assert ladder == pytest.approx(design, rel=2e-3, abs=0)
+
+
+def test_trailing_ladder_for_every_step_count():
+    """Issue 16: every n in 1..T gives n distinct timesteps from T−1 down to ≥ 0 (diffusers' own trailing rule
+    gives n + 1 with a final −1 for some n) and a σ ladder from σ_max falling to 0."""
+    T = S.NUM_TRAIN_TIMESTEPS
+    alpha_bar = S.alphas_cumprod()
+    diffusers_own = S.make_scheduler()  # trailing spacing, as diffusers computes it
+    for n in range(1, T + 1):
+        t = S.inference_timesteps(n)
+        assert len(t) == n and t[0] == T - 1 and t[-1] >= 0, n
+        assert torch.all(t[1:] < t[:-1]), n
+        # t_i + 1 is T·(n−i)/n rounded, in integers: |2n(t_i+1) − 2T(n−i)| ≤ n (a tie may round either way).
+        i = torch.arange(n)
+        assert torch.all((2 * n * (t + 1) - 2 * T * (n - i)).abs() <= n), n
+        # Where diffusers gets the count right its values are ours; where not, its first n are.
+        diffusers_own.set_timesteps(n)
+        assert diffusers_own.timesteps[:n].long().tolist() == t.tolist(), n
+        for shift in (1.0, 2.0):
+            ladder = S.inference_sigmas(alpha_bar, n, shift=shift)
+            assert len(ladder) == n + 1 and ladder[-1] == 0.0, n
+            assert ladder[0] == pytest.approx(S.NAI_SIGMA_MAX, rel=1e-6), n
+            assert torch.all(ladder[1:] <= ladder[:-1]), (n, shift)
+    # n = 61 ended [..., 15, -1], and σ at index -1 is σ_{T-1}: the ladder went back to σ_max for its last step.
+    assert S.inference_timesteps(61).tolist()[-2:] == [32, 15]
+
+
 def test_rescale_cfg_matches_diffusers():
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
