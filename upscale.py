@@ -109,7 +109,8 @@ def main(args: argparse.Namespace) -> Path:
     make_output_dir(args.out.parent, "--out")  # before minutes of sampling
     upscaler = load_upscaler(args.upscaler_model) if args.upscaler_model else None
     pipeline = load_pipeline(args.model, args.config, args.device, torch_dtype(args.dtype, args.device))
-    seed = random.randrange(2**32) if args.seed == -1 else args.seed  # A1111's "random", as the sampler reads it
+    # -1 is A1111's "random", as the sampler command reads it; the seed drawn is written to the image.
+    seed = random.randrange(2**32) if args.seed == -1 else args.seed
     result = upscale(
         pipeline,
         image,

@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> list[Path]:
     prompts = [prompt for prompt in args.prompt for _ in range(args.num_images)]
     first = random.randrange(2**32) if args.seed == -1 else args.seed
     seeds = [first + i for i in range(len(prompts))]
-    with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="step") as bar:
+    with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="image-step") as bar:
         images = generate(
             pipeline,
             prompts,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -434,7 +435,7 @@ def generate(
     emphasis: bool = True,
     batch_size: int = 1,
     base_resolution: int | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[int], object] | None = None,
     output_type: Literal["pil", "latent"] = "pil",
 ) -> list[Image.Image] | list[torch.Tensor]:
     """One image per (prompt, negative, seed) from a StableDiffusionXLPipeline's components.
@@ -444,6 +445,8 @@ def generate(
     attention scaling for canvases larger than base_resolution². Image i depends only on its own prompt,
     negative and seed, not on ``batch_size`` or the other prompts: a UNet call batches only rows of one chunk
     count (`batches_by_chunks`). ``output_type="latent"`` returns the (4, h, w) fp32 latents instead of images.
+    ``on_step(n)`` is called after each sampler step with the number of images that step advanced (a progress
+    bar of images × steps, such as tqdm's ``update``).
     """
     if not len(prompts) == len(negative_prompts) == len(seeds):
         raise ValueError("generate: prompts, negative_prompts and seeds must have the same length")
@@ -480,7 +483,7 @@ def generate(
                 seeded_noise(latent_shape, [seeds[i] for i in rows]),
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
-                on_step=on_step,
+                on_step=None if on_step is None else functools.partial(on_step, len(rows)),
             )
             done = (
                 list(latents.cpu())

@@ -363,7 +363,10 @@ def test_mixed_length_batch_gives_each_image_as_alone(pipe, sampler):
 
 def test_generate_returns_images_in_prompt_order_across_chunk_groups(pipe):
     prompts, seeds = ["cat", LONG_PROMPT, "cat"], [1, 2, 1]
-    images = generate(pipe, prompts, [""] * 3, seeds, batch_size=3, **SMALL)
+    advanced = []
+    images = generate(pipe, prompts, [""] * 3, seeds, batch_size=3, on_step=advanced.append, **SMALL)
+    # Two UNet batches (two chunk counts); each step reports its images: a bar of images × steps ends full.
+    assert sorted(set(advanced)) == [1, 2] and sum(advanced) == 3 * SMALL["num_steps"]
     assert [image.size for image in images] == [(64, 64)] * 3
     assert np.array_equal(as_array(images[0]), as_array(images[2]))  # rows 0 and 2 share a UNet call
     assert np.abs(as_array(images[0]) - as_array(images[1])).mean() > 0.5
