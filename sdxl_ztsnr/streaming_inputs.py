@@ -40,7 +40,7 @@ import torch
 from sdxl_ztsnr import cache
 from sdxl_ztsnr.console import UserError, loading_dataset
 from sdxl_ztsnr.images import image_from_cell
-from sdxl_ztsnr.precompute import _caption_text, prepare_input
+from sdxl_ztsnr.inputs import _caption_text, prepare_input
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # WebDataset keys read as the image, first present wins
 CAPTION_JSON_KEYS = ("caption", "text")  # img2dataset's .json holds the caption when no .txt was written

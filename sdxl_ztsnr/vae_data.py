@@ -34,7 +34,7 @@ class FolderImages:
     """Images under ``root`` (recursive; a caption beside them is not needed); source = path under root."""
 
     def __init__(self, root: str | os.PathLike):
-        from sdxl_ztsnr.precompute import FolderInputs
+        from sdxl_ztsnr.inputs import FolderInputs
 
         self.inputs = FolderInputs(root)  # its listing and its "no images found" error
 
@@ -53,7 +53,7 @@ class DatasetImages:
     """The image column of a Hugging Face dataset (Hub name, load_dataset path, or a save_to_disk directory)."""
 
     def __init__(self, name: str, image_column: str = "image", split: str = "train"):
-        from sdxl_ztsnr.precompute import DatasetInputs
+        from sdxl_ztsnr.inputs import DatasetInputs
 
         # precompute's loading, split and column checks; captions are never read here, so the caption
         # check is pointed at the image column (a dataset of images alone is fine).
