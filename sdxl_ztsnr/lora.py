@@ -141,11 +141,14 @@ def check_lora_base(scheduler_config: Mapping) -> str | None:
 
 
 def diffusers_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers' LoRA layout (`<module>.lora.down.weight` / `.lora.up.weight`), as saved."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter in peft's layout (`<module>.lora_A.weight` / `.lora_B.weight`), as saved for diffusers."""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    # peft's keys as they are: what diffusers' own save_lora_adapter writes and load_lora_weights reads without
+    # conversion. diffusers' convert_state_dict_to_diffusers renames only the attention projections (to
+    # `.lora.down/.up`), so any other target left the file in two formats; the loader picks one format from the
+    # first key and silently drops the modules in the other.
+    return get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
 
 
 def kohya_module_names(unet: torch.nn.Module) -> dict[str, str]:

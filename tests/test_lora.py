@@ -1,19 +1,25 @@
 """LoRA: default targets, fp32 adapter on a bf16 base, both saved formats reload in diffusers, exact resume."""
 
 import json
+import logging
 import re
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdxl_ztsnr.ema import EmaWeights
 from sdxl_ztsnr.lora import (
+    DEFAULT_TARGET_MODULES,
     DIFFUSERS_LORA_NAME,
     EMA_LORA_SUBFOLDER,
     LORA_STATE_NAME,
     add_lora,
     check_lora_base,
+    diffusers_lora_state_dict,
     kohya_lora_state_dict,
     load_lora_state,
     lora_checkpoint_hooks,
@@ -185,6 +191,141 @@ def test_trained_lora_reloads_in_diffusers_from_both_files(tiny_sdxl, tmp_path):
     _, half = save_lora(unet, tmp_path / "fp16", "tiny_lora", kohya_dtype=torch.float16)
     with safe_open(str(half), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith(".weight")} == {torch.float16}
+
+
+# Every kind of layer --lora_target_modules can adapt, by group: peft adapts the UNet's Linear and Conv2d layers
+# and refuses the rest (norms, whole blocks), and add_lora refuses names that match nothing.
+TARGET_GROUPS = {
+    "attention": DEFAULT_TARGET_MODULES,
+    "resnet_convs": ("conv1", "conv2", "conv_shortcut"),
+    # the resnets' timestep projections and the embeddings of the timestep and of SDXL's micro-conditioning
+    "time_embedding": (
+        "time_emb_proj",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+        "add_embedding.linear_1",
+        "add_embedding.linear_2",
+    ),
+    "transformer_proj": ("proj_in", "proj_out"),
+    "feed_forward": ("ff.net.0.proj", "ff.net.2"),
+    "ends_and_resampling": ("conv_in", "conv_out", "downsamplers.0.conv", "upsamplers.0.conv"),
+}
+ALL_TARGETS = tuple(t for group in TARGET_GROUPS.values() for t in group)
+# A user adds targets to the default attention projections: each group beside them, and everything at once.
+TARGET_SETS = {"attention": DEFAULT_TARGET_MODULES}
+TARGET_SETS |= {
+    f"attention+{name}": DEFAULT_TARGET_MODULES + g
+    for name, g in TARGET_GROUPS.items()
+    if g != DEFAULT_TARGET_MODULES
+}
+TARGET_SETS |= {"all": ALL_TARGETS}
+
+
+def _adaptable_layers(unet) -> set[str]:
+    """Names of the layers a LoRA can adapt (before one is added): every Linear and Conv2d."""
+    return {name for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def _perturb_lora_B(unet, seed: int) -> None:
+    """B starts at zero; random B makes every adapted layer's update non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _lora_deltas(unet) -> dict[str, torch.Tensor]:
+    """The effective weight update (alpha/rank)·B·A of each adapted layer's active adapter, by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        return {
+            name: m.get_delta_weight(m.active_adapters[0])
+            for name, m in unet.named_modules()
+            if isinstance(m, LoraLayer)
+        }
+
+
+@contextmanager
+def _loading_warnings():
+    """Collects what diffusers logs and peft warns while loading a LoRA (the text encoders' 'no keys' left out)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    diffusers_logger = logging.getLogger("diffusers")  # diffusers does not propagate to the root logger
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages += [str(w.message) for w in caught]
+    finally:
+        diffusers_logger.removeHandler(handler)
+    messages[:] = [m for m in messages if not m.startswith("No LoRA keys associated to CLIPTextModel")]
+
+
+@pytest.mark.slow
+def test_the_target_groups_cover_every_layer_kind_and_kohya_names_map_back_on_the_real_sdxl_layout():
+    """SDXL's real layout (meta device), every adaptable layer: one key format, kohya names diffusers inverts."""
+    from accelerate import init_empty_weights
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    adaptable = _adaptable_layers(unet)
+    add_lora(unet, rank=8, alpha=4, target_modules=ALL_TARGETS)
+    modules = set(lora_modules(unet))
+    assert modules == adaptable  # the groups above name every layer kind a LoRA can adapt
+    assert set(diffusers_lora_state_dict(unet)) == {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+
+    kohya = kohya_lora_state_dict(unet)
+    assert len(kohya) == 3 * len(modules)  # down, up, alpha: no two modules share a kohya name
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(kohya), unet_config=unet.config)
+    as_peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert {k.rsplit(".lora_", 1)[0] for k in as_peft} == modules
+    assert len(alphas) == len(modules) and set(alphas.values()) == {4.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", TARGET_SETS.values(), ids=TARGET_SETS.keys())
+def test_both_files_reload_every_adapted_layer_in_diffusers(tiny_sdxl, tmp_path, targets):
+    """Issue 16.6: beyond the attention projections the diffusers file mixed two key formats and loaded in part."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    unet = _tiny_unet(tiny_sdxl)
+    adaptable = _adaptable_layers(unet)
+    add_lora(unet, rank=4, alpha=2, target_modules=targets)  # alpha != rank: the 0.5 scale must survive
+    _perturb_lora_B(unet, seed=1)
+    unet.eval()
+    trained, ours = _lora_deltas(unet), _output(unet)
+    assert all(delta.abs().max() > 1e-3 for delta in trained.values())
+    if targets == ALL_TARGETS:
+        assert set(trained) == adaptable
+    diffusers_path, kohya_path = save_lora(unet, tmp_path, "tiny_lora")
+
+    for path in (diffusers_path, kohya_path):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        with _loading_warnings() as messages:
+            pipe.load_lora_weights(tmp_path, weight_name=path.name)
+        assert messages == [], path.name  # unexpected / missing keys, targets without weights
+        loaded = _lora_deltas(pipe.unet)
+        assert loaded.keys() == trained.keys(), (path.name, sorted(trained.keys() - loaded.keys())[:3])
+        for name, delta in trained.items():
+            torch.testing.assert_close(loaded[name], delta, atol=1e-6, rtol=1e-5, msg=f"{path.name}: {name}")
+        torch.testing.assert_close(_output(pipe.unet), ours, atol=1e-5, rtol=0, msg=path.name)
+        if path == diffusers_path:  # every tensor in the file is one the loaded adapter holds, unchanged
+            held = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
+            saved = load_file(str(path))
+            assert saved.keys() == {f"unet.{k}" for k in held}
+            assert all(torch.equal(saved[f"unet.{k}"], v) for k, v in held.items())
 
 
 @pytest.mark.slow

@@ -131,6 +131,47 @@ def test_lora_resume_is_exact(lora_run, tiny_sdxl, train_cache, trainer_args, tm
         assert_equal_weights(load_file(str(tmp_path / name)), load_file(str(lora_run / name)))
 
 
+def test_lora_beyond_the_attention_projections_reloads_the_trained_adapter_from_both_files(
+    tiny_sdxl, train_cache, trainer_args, tmp_path
+):
+    """Issue 16.6 through the flag: resnet and time-embedding targets beside the defaults, both files complete."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    from sdxl_ztsnr.lora import add_lora, load_lora_state
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "time_emb_proj", "time_embedding.linear_1"]
+    args = trainer_args(
+        tiny_sdxl, tmp_path, "--precomputed_dir", str(train_cache), "--max_train_steps", "2",
+        "--lora_rank", "4", "--lora_alpha", "2", "--learning_rate", "1e-2", "--lora_target_modules", *targets,
+    )  # fmt: skip
+    run(args)
+
+    def deltas(unet):  # scale·B·A of each adapted layer's active adapter
+        with torch.no_grad():
+            return {
+                n: m.get_delta_weight(m.active_adapters[0])
+                for n, m in unet.named_modules()
+                if isinstance(m, LoraLayer)
+            }
+
+    trained_unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    add_lora(trained_unet, rank=4, alpha=2, target_modules=targets)
+    load_lora_state(trained_unet, tmp_path / "checkpoint-2")  # the adapter as the run ended
+    trained = deltas(trained_unet)
+    assert any(name.endswith(".conv1") for name in trained) and "time_embedding.linear_1" in trained
+    for weight_name in ("pytorch_lora_weights.safetensors", f"{tmp_path.name}.safetensors"):
+        pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        pipeline.load_lora_weights(tmp_path, weight_name=weight_name)
+        loaded = deltas(pipeline.unet)
+        assert loaded.keys() == trained.keys(), weight_name
+        for name, delta in trained.items():
+            assert delta.abs().max() > 0, name  # every adapted layer trained (B left zero)
+            torch.testing.assert_close(
+                loaded[name], delta, atol=1e-6, rtol=1e-5, msg=f"{weight_name}: {name}"
+            )
+
+
 def test_lora_on_an_epsilon_base_is_refused(tiny_sdxl, train_cache, trainer_args, tmp_path):
     base = build_tiny_sdxl(tmp_path / "eps-model", seed=0)
     config_path = base / "scheduler" / "scheduler_config.json"
