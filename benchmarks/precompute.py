@@ -23,6 +23,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import print_table  # noqa: E402  (benchmarks/timing.py)
 
 from sdxl_ztsnr import precompute  # noqa: E402
 from sdxl_ztsnr.buckets import make_buckets  # noqa: E402
@@ -195,11 +198,12 @@ def main() -> None:
         f"\nprecompute benchmark: {n} images -> {rows} rows, buckets at {resolution}², VAE {args.vae_dtype}, "
     )
     print(f"{len(run['batches'])} VAE batches, {workers} decode worker(s), device {name}, model {model}\n")
-    print(f"| {'path':<44} | {'seconds':>8} | {'images/s':>9} |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|")
-    print(f"| {'whole precompute (decode..write, merge)':<44} | {whole:8.2f} | {n / whole:9.2f} |")
-    print(f"| {'bare VAE encode, same batches':<44} | {bare:8.2f} | {rows / bare:9.2f} |")
-    print(f"| {'precompute / bare':<44} | {'':>8} | {100 * (n / whole) / (rows / bare):8.1f}% |")
+    rows = [
+        ["whole precompute (decode..write, merge)", f"{whole:.2f}", f"{n / whole:.2f}"],
+        ["bare VAE encode, same batches", f"{bare:.2f}", f"{rows / bare:.2f}"],
+        ["precompute / bare", "", f"{100 * (n / whole) / (rows / bare):.1f}%"],
+    ]
+    print_table(["path", "seconds", "images/s"], rows)
     print(
         f"\nin the timed run: waiting for decoded images {run.get('wait_s', 0):.2f} s, encode calls "
         f"{run.get('encode_s', 0):.2f} s, waiting for the GPU {run.get('sync_s', 0):.2f} s, "

@@ -45,6 +45,9 @@ import torch
 # Nothing is downloaded: every model here is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import append_jsonl, clock, elapsed, print_table, seconds_per_step, synchronize  # noqa: E402
 
 from sdxl_ztsnr.losses import per_sample_mse  # noqa: E402
 from sdxl_ztsnr.optimizers import (  # noqa: E402
@@ -58,29 +61,12 @@ from sdxl_ztsnr.sdxl_architecture import SDXL_UNET  # noqa: E402
 from sdxl_ztsnr.training import training_loss  # noqa: E402
 
 
-def sync_fn(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def reset_accelerate() -> None:
     """Each Accelerator here stands for a new process; accelerate keeps its state in singletons."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-def seconds_per_step(step, inputs: list, device: torch.device, warmup: int = 0) -> float:
-    """Run ``step`` on each input; mean wall seconds of the steps after ``warmup``, between device syncs."""
-    sync = sync_fn(device)
-    for item in inputs[:warmup]:
-        step(item)
-    sync()
-    start = time.perf_counter()
-    for item in inputs[warmup:]:
-        step(item)
-    sync()
-    return (time.perf_counter() - start) / (len(inputs) - warmup)
 
 
 def bare_step(
@@ -215,32 +201,25 @@ def random_like_batches(batches: list[dict]) -> list[dict]:
     return out
 
 
-def print_table(title: str, rows: list[tuple], batch_size: int, ref: str | None = None) -> None:
+def print_overhead_table(title: str, rows: list[tuple], batch_size: int, ref: str | None = None) -> None:
     """rows: (path, seconds per step, overhead vs bare or None for a bare row[, main-thread CPU overhead]).
 
     Overhead = extra time per step relative to the bare step; "x ref" = throughput / the ref row's throughput.
     """
-    print(f"\n{title}\n")
-    width = max(len(row[0]) for row in rows)
     cpu = len(rows[0]) > 3
-    head = f"| {'path':<{width}} | samples/s | step ms | overhead vs bare |"
-    rule = f"|{'-' * (width + 2)}|-----------|---------|------------------|"
-    if cpu:
-        head, rule = head + " main-thread CPU overhead |", rule + "--------------------------|"
-    if ref:
-        head, rule = head + " x ref |", rule + "-------|"
-    print(head)
-    print(rule)
+    columns = ["path", "samples/s", "step ms", "overhead vs bare"]
+    columns += ["main-thread CPU overhead"] * cpu + ["x ref"] * bool(ref)
     ref_seconds = {row[0]: row[1] for row in rows}.get(ref)
 
     def shown(value):
         return "-" if value is None else f"{100 * value:+.1f}%"
 
+    table = []
     for name, seconds, overhead, *cpu_overhead in rows:
-        line = f"| {name:<{width}} | {batch_size / seconds:9.2f} | {1000 * seconds:7.1f} | {shown(overhead):>16} |"
-        if cpu:
-            line += f" {shown(cpu_overhead[0]):>24} |"
-        print(line + (f" {ref_seconds / seconds:5.2f} |" if ref else ""))
+        line = [name, f"{batch_size / seconds:.2f}", f"{1000 * seconds:.1f}", shown(overhead)]
+        line += [shown(cpu_overhead[0])] * cpu + [f"{ref_seconds / seconds:.2f}"] * bool(ref)
+        table.append(line)
+    print_table(columns, table, title)
 
 
 def overhead_interval(
@@ -258,15 +237,6 @@ def overhead_interval(
     ratios = chosen[..., 0].sum(axis=1) / chosen[..., 1].sum(axis=1) - 1
     low, high = np.quantile(ratios, [0.025, 0.975])
     return float(low), float(high)
-
-
-def clock() -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this thread): the second leaves out time other processes took the core."""
-    return time.perf_counter(), time.thread_time()
-
-
-def elapsed(start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
-    return end[0] - start[0], end[1] - start[1]
 
 
 # --- tiny model: the real training script -------------------------------------------------------------
@@ -432,7 +402,7 @@ def run_tiny(options: argparse.Namespace) -> list[dict]:
     rows = rows_for("trainer step code, batches in memory", "step code", step_pairs)
     rows += rows_for("full loop (train_sdxl_ztsnr.main)", "full loop", full_pairs)
     where = f"CPU, {threads} torch thread(s)" if device.type == "cpu" else torch.cuda.get_device_name()
-    print_table(
+    print_overhead_table(
         f"training throughput: tiny SDXL, batch {options.batch_size}, 128² buckets, {options.images} demo "
         f"images, {options.num_workers} DataLoader worker(s), {where}; {options.rounds} x {steps} steps after "
         f"{warmup} warm-up, each beside a bare step with and one without clipping; overhead = sum of path "
@@ -658,7 +628,7 @@ def run_sdxl(options: argparse.Namespace) -> list[dict]:
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     )
-    print_table(
+    print_overhead_table(
         f"training throughput: {'tiny' if options.tiny_unet_config else 'SDXL'} UNet ({params / 1e9:.3f}B "
         f"params, random init), {resolution}², batch {batch_size}, {options.mixed_precision} autocast, {where}; "
         f"{options.steps} timed steps after {warmup} warm-up",
@@ -685,7 +655,7 @@ def run_sdxl(options: argparse.Namespace) -> list[dict]:
 def time_trainer_loop(loop: TrainerLoop, data, sampler, warmup: int, logging_steps: int) -> float:
     """One pass of the trainer's loop over ``data`` (loader, step, logging); wall s/step after the warm-up."""
     device = loop.accelerator.device
-    sync = sync_fn(device)
+    sync = synchronize(device)
     count, start = 0, 0.0
     one_epoch = itertools.islice(data.stream(sampler, device, 0), len(sampler))
     for index, (_, batch) in enumerate(one_epoch):
@@ -756,10 +726,7 @@ def main() -> None:
         options.warmup = 10 if options.warmup is None else options.warmup
         options.steps = options.steps or 40
         records = run_tiny(options)
-    if options.json:
-        with open(options.json, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    append_jsonl(options.json, records)
 
 
 if __name__ == "__main__":

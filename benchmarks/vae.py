@@ -16,7 +16,6 @@ through DataLoader workers, as train_vae.py reads them.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from precompute import SDXL_VAE, write_photos  # noqa: E402  (benchmarks/precompute.py)
+from timing import append_jsonl, print_table  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -139,21 +139,15 @@ def measure_data_path(crop: int, workers: int, images: int, batches: int, batch_
     return {"path": "data", "crop": crop, "workers": workers, "crops_per_s": batches * batch_size / seconds}
 
 
-def print_table(title: str, records: list[dict]) -> None:
-    print(f"\n{title}\n")
+def print_step_table(title: str, records: list[dict]) -> None:
     cpu = "rss_before_mib" in records[0]
-    head = "| variant | crop | batch | precision | steps/s | samples/s | step ms | peak MiB |"
-    rule = "|---|---|---|---|---|---|---|---|"
-    if cpu:
-        head, rule = head + " RSS before MiB |", rule + "---|"
-    print(head)
-    print(rule)
-    for r in records:
-        line = (
-            f"| {r['name']} | {r['crop']}² | {r['batch']} | {r['precision']} | {r['steps_per_s']:.3f} | "
-            f"{r['samples_per_s']:.2f} | {r['step_ms']:.0f} | {r['peak_mib']:.0f} |"
-        )
-        print(line + (f" {r['rss_before_mib']:.0f} |" if cpu else ""))
+    columns = ["variant", "crop", "batch", "precision", "steps/s", "samples/s", "step ms", "peak MiB"]
+    rows = [
+        [r["name"], f"{r['crop']}²", r["batch"], r["precision"], f"{r['steps_per_s']:.3f}", f"{r['samples_per_s']:.2f}",
+         f"{r['step_ms']:.0f}", f"{r['peak_mib']:.0f}"] + [f"{r['rss_before_mib']:.0f}"] * cpu
+        for r in records
+    ]  # fmt: skip
+    print_table(columns + ["RSS before MiB"] * cpu, rows, title)
 
 
 def variants(options) -> list[dict]:
@@ -215,17 +209,14 @@ def main() -> None:
                 flush=True,
             )
     arch = "SDXL VAE architecture" if options.sdxl_architecture else "tiny VAE"
-    print_table(f"VAE fine-tuning step, {arch}, {options.device}, {options.threads} thread(s)", records)
+    print_step_table(f"VAE fine-tuning step, {arch}, {options.device}, {options.threads} thread(s)", records)
     if options.data:
         data = measure_data_path(crop, options.workers, images=16, batches=20, batch_size=batch)
         print(
             f"\ndata path: {data['crops_per_s']:.1f} crops/s at {crop}² from ~1 MP JPEGs, {options.workers} workers"
         )
         records.append(data)
-    if options.json:
-        with open(options.json, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+    append_jsonl(options.json, records)
 
 
 if __name__ == "__main__":
