@@ -19,48 +19,24 @@ import os
 import signal
 import sys
 import tempfile
-from pathlib import Path
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from sdxl_ztsnr import options
+from sdxl_ztsnr.precompute_run import DECODE_WORKERS
+from sdxl_ztsnr.run_config import parse_with_config_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = options.new_parser(__doc__, raw_help=False)
+    options.add_image_source_options(
+        parser,
+        "inputs",
+        folder_help="folder of images + same-name .txt captions (recursive)",
+        dataset_help="HF dataset: Hub name, local load_dataset path or save_to_disk dir",
+        captions=True,
     )
-    data = parser.add_argument_group("inputs")
-    data.add_argument(
-        "--train_data_dir", "--data_dir", help="folder of images + same-name .txt captions (recursive)"
+    model = options.add_model_options(
+        parser, vae_help="a separate VAE (e.g. an fp16-safe one)", revisions=False
     )
-    data.add_argument(
-        "--dataset_name", help="HF dataset: Hub name, local load_dataset path or save_to_disk dir"
-    )
-    data.add_argument("--dataset_split", default="train")
-    data.add_argument(
-        "--streaming",
-        action="store_true",
-        help="read --dataset_name as a stream (datasets IterableDataset): for datasets too large to copy first",
-    )
-    data.add_argument(
-        "--data_files",
-        nargs="+",
-        help="with --streaming: files or patterns of the dataset, e.g. 'shards/{00000..00099}.tar' "
-        "(--dataset_name webdataset; brace ranges and globs are expanded)",
-    )
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--caption_column", default="text")
-    data.add_argument(
-        "--allow_empty_captions", action="store_true", help="keep images whose caption is empty"
-    )
-    data.add_argument(
-        "--min_image_side", type=int, default=0, help="skip images with a shorter side (px); 0 upscales"
-    )
-    data.add_argument("--max_image_pixels", type=int, default=None, help="decompression-bomb limit (w·h)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", "--model_path", required=True)
-    model.add_argument("--pretrained_vae_model_name_or_path", help="a separate VAE (e.g. an fp16-safe one)")
     model.add_argument("--vae_dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     model.add_argument(
         "--text_encoder_dtype",
@@ -96,9 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8 * 1024 * 1024,
         help="VAE batch = this many pixels (8·1024² = 8 images at 1024²); halved on out-of-memory",
     )
-    run.add_argument(
-        "--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes"
-    )
+    run.add_argument("--num_workers", type=int, default=DECODE_WORKERS, help="image decoding processes")
     run.add_argument("--no_progress", action="store_true")
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="publish the cache as a dataset repository")
@@ -109,7 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--_debug_kill_at", help=argparse.SUPPRESS
     )  # EVENT:N, SIGKILL on the N-th EVENT (tests)
-    args = parser.parse_args(argv)
+    return parse_with_config_file(parser, argv, lambda args: check_args(parser, args))
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that only make sense together."""
     if bool(args.train_data_dir) == bool(args.dataset_name):
         parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
     if (args.streaming or args.data_files) and not args.dataset_name:
@@ -118,7 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--data_files needs --streaming (large file sets are read as a stream, never copied)")
     if args.push_to_hub and not args.hub_repo_id:
         parser.error("--push_to_hub needs --hub_repo_id (e.g. user/my-sdxl-cache)")
-    return args
 
 
 def kill_hook(spec: str | None):
@@ -137,70 +114,13 @@ def kill_hook(spec: str | None):
     return hook
 
 
-def format_summary(result: dict, output_dir: str) -> str:
-    """End-of-run report: rows, skipped by reason, buckets, time and throughput."""
-    metadata, run = result.get("metadata"), result.get("run", {})
-    if result["status"] == "already complete":
-        return f"cache already complete: {metadata['counts']['rows']} rows in {output_dir}; nothing changed"
-    lines = []
-    if run.get("inputs"):
-        seconds = run.get("seconds", 0.0)
-        lines.append(
-            f"this process: {run['inputs']} inputs -> {run.get('rows', 0)} rows in {seconds:.1f} s "
-            f"({run['inputs'] / max(seconds, 1e-9):.2f} img/s); waiting for images {run.get('wait_s', 0):.1f} s, "
-            f"encoding {run.get('encode_s', 0):.1f} s, waiting for the GPU {run.get('sync_s', 0):.1f} s, "
-            f"for writes {run.get('write_wait_s', 0):.1f} s"
-        )
-    if run.get("shards_resumed"):
-        lines.append(f"resumed: {run['shards_resumed']} shard(s) were already done")
-    if metadata is not None:
-        counts = metadata["counts"]
-        lines.append(f"cache {output_dir}: {counts['rows']} rows from {counts['inputs']} inputs")
-        lines.append(
-            f"skipped: {counts['skipped']}"
-            + "".join(f"\n  {k}: {n}" for k, n in counts["skipped_by_kind"].items())
-        )
-        if counts["skipped"]:
-            lines.append(f"  (path and reason of each in {Path(output_dir) / 'skipped.jsonl'})")
-        lines.append(
-            "buckets (height x width: rows): " + ", ".join(f"{b}: {n}" for b, n in counts["buckets"].items())
-        )
-        if counts["upscaled"]:
-            lines.append(f"upscaled (smaller than their bucket): {counts['upscaled']}")
-        if counts["truncated_prompts"]:
-            chunks = metadata["settings"]["max_token_chunks"]
-            lines.append(f"prompts truncated to {chunks} chunks: {counts['truncated_prompts']}")
-        lines.append(
-            "latents mean "
-            + ", ".join(f"{m:.4f}" for m in metadata["latents_mean"])
-            + "; std "
-            + ", ".join(f"{s:.4f}" for s in metadata["latents_std"])
-        )
-    return "\n".join(lines)
-
-
 def main(args: argparse.Namespace) -> dict:
-    import datasets
-    from accelerate import PartialState
-
     from sdxl_ztsnr import cache, hub
-    from sdxl_ztsnr.console import UserError
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
-    from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs, load_vae, precompute
+    from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs
+    from sdxl_ztsnr.precompute_run import format_summary, process_state, run_precompute
     from sdxl_ztsnr.streaming_inputs import StreamingInputs
-    from sdxl_ztsnr.text_encoding import load_text_encoders
 
-    datasets.disable_progress_bars()  # our own tqdm bar counts images; save_to_disk's per-shard bars are noise
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes without CUDA: accelerate only sets up gloo when asked for the CPU explicitly.
-    state = PartialState(cpu=launched > 1 and not torch.cuda.is_available())
-    if state.num_processes != launched:
-        raise UserError(
-            f"launched as {launched} processes but accelerate sees {state.num_processes}; check the launcher"
-        )
-    if state.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # a few fixed bucket shapes: autotuning pays off
-        torch.backends.cuda.matmul.allow_tf32 = True
     # Inputs
     if args.train_data_dir:
         inputs = FolderInputs(args.train_data_dir)
@@ -210,35 +130,17 @@ def main(args: argparse.Namespace) -> dict:
         )
     else:
         inputs = DatasetInputs(args.dataset_name, args.image_column, args.caption_column, args.dataset_split)
-    # Models
-    vae = load_vae(
-        args.pretrained_model_name_or_path,
-        DTYPES[args.vae_dtype],
-        state.device,
-        args.pretrained_vae_model_name_or_path,
-    )
-    tokenizers = text_encoders = None
-    if not args.text_online:
-        text_dtype = args.text_encoder_dtype
-        if text_dtype == "auto":
-            text_dtype = "fp16" if state.device.type == "cuda" else "fp32"
-        tokenizers, text_encoders = load_text_encoders(
-            args.pretrained_model_name_or_path, DTYPES[text_dtype], state.device
-        )
     # Precompute (every rank), merge (rank 0)
-    info = {
-        "model": {
-            "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-            "pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
-        }
-    }
     try:
-        result = precompute(
+        result = run_precompute(
             inputs,
             args.output_dir,
-            vae,
-            tokenizers,
-            text_encoders,
+            args.pretrained_model_name_or_path,
+            args.pretrained_vae_model_name_or_path,
+            vae_dtype=args.vae_dtype,
+            text_encoder_dtype=args.text_encoder_dtype,
+            text_online=args.text_online,
+            hook=kill_hook(args._debug_kill_at),
             resolution=args.resolution,
             bucket_step=args.bucket_step,
             min_bucket_side=args.min_bucket_side,
@@ -253,19 +155,14 @@ def main(args: argparse.Namespace) -> dict:
             shard_size=args.shard_size,
             vae_batch_pixels=args.vae_batch_pixels,
             num_workers=args.num_workers,
-            rank=state.process_index,
-            world_size=state.num_processes,
             overwrite=args.overwrite,
-            barrier=state.wait_for_everyone if state.num_processes > 1 else None,
-            hook=kill_hook(args._debug_kill_at),
             progress=not args.no_progress,
-            info=info,
         )
     except cache.NoUsableInputsError as error:
         sys.exit(f"error: {error}")
     print(format_summary(result, args.output_dir), flush=True)
     # Publish (rank 0)
-    if args.push_to_hub and state.is_main_process:
+    if args.push_to_hub and process_state().is_main_process:
         with tempfile.TemporaryDirectory(dir=args.output_dir, prefix=".hub-staging-") as staging:
             cache.stage_for_hub(args.output_dir, staging)
             files = hub.push_to_hub(

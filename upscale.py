@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sdxl_ztsnr import options
 from sdxl_ztsnr.color_fix import COLOR_FIX_MODES
 from sdxl_ztsnr.console import make_output_dir
+from sdxl_ztsnr.run_config import parse_with_config_file
 from sdxl_ztsnr.sample import torch_dtype
 from sdxl_ztsnr.sampling import (
     A1111_SAMPLER_NAMES,
@@ -37,12 +39,16 @@ OUTPUT_FORMATS = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", required=True, help="a diffusers pipeline directory or a single .safetensors"
-    )
-    parser.add_argument(
-        "--config", default=None, help="for a single file: a diffusers SDXL directory of configs"
+    parser = options.new_parser(__doc__.split("\n")[0], raw_help=False)
+    options.add_sampling_options(
+        parser,
+        steps=20,
+        steps_help="ladder length; the last round(steps·denoise) run",
+        prompt={"default": ""},
+        samplers=SAMPLERS,
+        sigma_max=NAI_SIGMA_MAX,
+        model_help="a diffusers pipeline directory or a single .safetensors",
+        config_help="for a single file: a diffusers SDXL directory of configs",
     )
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help=".png, .webp or .jpg")
@@ -52,20 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--upscaler_model", default=None, help="ESRGAN-style model file for spandrel, if installed"
     )
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--denoise", type=float, default=0.35, help="img2img strength of the tile redraw")
-    parser.add_argument(
-        "--steps", type=int, default=20, help="ladder length; the last round(steps·denoise) run"
-    )
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--guidance_rescale", type=float, default=0.7)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="-1 picks one at random (it is written to the image's parameters)"
-    )
-    parser.add_argument("--sigma_max", type=float, default=NAI_SIGMA_MAX)
-    parser.add_argument("--no_emphasis", action="store_true", help="read brackets in prompts as plain text")
     tiles = parser.add_argument_group("tiles")
     tiles.add_argument("--tile_size", type=int, default=1024)
     tiles.add_argument("--padding", type=int, default=32, help="context around each tile, px")
@@ -83,9 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seams.add_argument("--seams_fix_mask_blur", type=int, default=8)
     parser.add_argument("--side_by_side", type=Path, default=None, help="also write Lanczos | result here")
     parser.add_argument("--color_fix", choices=COLOR_FIX_MODES, default="wavelet")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
-    return parser.parse_args(argv)
+    options.add_device_options(parser, cuda=torch.cuda.is_available())
+    return parse_with_config_file(parser, argv)
 
 
 def read_image(path: Path) -> Image.Image:

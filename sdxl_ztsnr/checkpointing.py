@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -12,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 from sdxl_ztsnr.export import apply_umask
+from sdxl_ztsnr.train_data import DataPosition
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
@@ -254,3 +258,20 @@ class GeneratorState:
         if rank < len(rank_states):
             # A fresh copy: set_state on a row view (nonzero storage offset) crashes torch 2.x.
             self.generator.set_state(rank_states[rank].to(device="cpu", dtype=torch.uint8).clone())
+
+
+def resume_position(state: dict, global_batch_size: int) -> DataPosition:
+    """The data position of a checkpoint; a changed global batch size keeps the epoch's fraction (and says so)."""
+    saved = state.get("global_batch_size", global_batch_size)
+    offset = state["batch_offset"]
+    if saved != global_batch_size:
+        offset = offset * saved // global_batch_size
+        logger.warning(
+            "the global batch changed from %d to %d rows since the checkpoint: continuing epoch %d at batch %d; "
+            "the run will not equal an unbroken one",
+            saved,
+            global_batch_size,
+            state["epoch"],
+            offset,
+        )
+    return DataPosition(state["epoch"], offset)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ztsnr import options
+from sdxl_ztsnr.run_config import parse_with_config_file
 from sdxl_ztsnr.sampling import (
     A1111_SAMPLER_NAMES,
     SAMPLERS,
@@ -32,48 +34,39 @@ from sdxl_ztsnr.validation import image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sdxl_ztsnr.sample", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", required=True, help="a diffusers pipeline directory or a single .safetensors"
+    parser = options.new_parser(__doc__.split("\n")[0], raw_help=False, prog="python -m sdxl_ztsnr.sample")
+    options.add_sampling_options(
+        parser,
+        steps=28,
+        steps_help=None,
+        prompt={
+            "required": True,
+            "action": "append",
+            "help": "A1111 emphasis: (tag:1.2), (tag), [tag]; repeatable",
+        },
+        samplers=SAMPLERS,
+        sigma_max=NAI_SIGMA_MAX,
+        model_help="a diffusers pipeline directory or a single .safetensors",
+        config_help="for a single file: a diffusers SDXL directory holding the configs",
+        rescale_help="CFG rescale φ (Lin et al. 2023)",
+        sigma_help="first σ of a ZTSNR model",
     )
-    parser.add_argument(
-        "--config", default=None, help="for a single file: a diffusers SDXL directory holding the configs"
-    )
-    parser.add_argument(
-        "--prompt", required=True, action="append", help="A1111 emphasis: (tag:1.2), (tag), [tag]; repeatable"
-    )
-    parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--out", required=True, type=Path, help="directory for the PNGs (created)")
     parser.add_argument("--num_images", type=int, default=1, help="per prompt")
     parser.add_argument("--batch_size", type=int, default=1, help="images per UNet call")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--guidance_rescale", type=float, default=0.7, help="CFG rescale φ (Lin et al. 2023)")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="-1 picks one at random (it is written to the PNG)"
-    )
-    parser.add_argument("--sigma_max", type=float, default=NAI_SIGMA_MAX, help="first σ of a ZTSNR model")
     parser.add_argument(
         "--attention_scaling",
         action="store_true",
         help="scale self-attention logits by √(log n / log n_train) (Jin et al. 2023) above --base_resolution",
     )
     parser.add_argument("--base_resolution", type=int, default=1024, help="side the model was trained at")
-    parser.add_argument("--no_emphasis", action="store_true", help="read brackets in prompts as plain text")
     parser.add_argument(
         "--grid", type=Path, default=None, help="also write all images as one grid PNG (a row per prompt)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "fp32", "fp16", "bf16"),
-        default="auto",
-        help="auto: fp16 on CUDA, else fp32",
-    )
-    return parser.parse_args(argv)
+    options.add_device_options(parser, cuda=torch.cuda.is_available())
+    return parse_with_config_file(parser, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,3 +114,37 @@ def log_images(trackers, grid: Image.Image, prompts: Sequence[str], step: int) -
             import wandb
 
             tracker.log({"validation": wandb.Image(grid, caption=" | ".join(prompts))}, step=step)
+
+
+@dataclass(frozen=True)
+class ValidationSampling:
+    """The grid sampled at each validation: prompts × images per prompt, with the sampler's settings."""
+
+    prompts: Sequence[str]
+    num_images: int = 2
+    steps: int = 28
+    guidance_scale: float = 5.0
+    guidance_rescale: float = 0.7
+
+
+def validation_grid(
+    pipeline,
+    settings: ValidationSampling,
+    alpha_bar: torch.Tensor,
+    size: tuple[int, int],
+    seed: int = 0,
+) -> Image.Image:
+    """One row per prompt, sampled with the training schedule from σ_max (same seeds at every validation)."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = sample_images(
+        pipeline,
+        settings.prompts,
+        settings.num_images,
+        settings.steps,
+        settings.guidance_scale,
+        settings.guidance_rescale,
+        alpha_bar,
+        *size,
+        seed=seed,
+    )
+    return image_grid(images, columns=settings.num_images)

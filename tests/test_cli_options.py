@@ -38,7 +38,6 @@ def script_parser(module_name: str, monkeypatch) -> argparse.ArgumentParser:
         raise _Captured(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     try:
         module.parse_args([])
     except _Captured as caught:

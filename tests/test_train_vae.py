@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_vae
-from sdxl_ztsnr import launch, lifecycle
+from sdxl_ztsnr import launch, lifecycle, vae_finetune
 from sdxl_ztsnr.vae_outputs import single_file_vae_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_lpips_without_its_backbone_stops_before_training_naming_the_file(vae_ar
 def test_finetune_vae_stage_puts_the_decoder_into_the_pipeline_and_its_single_file(
     tiny_sdxl, demo_data, tmp_path
 ):
-    """What train_sdxl_ztsnr.py --finetune_vae calls after its UNet stage (train_vae.finetune_pipeline_vae)."""
+    """What train_sdxl_ztsnr.py --finetune_vae calls after its UNet stage (vae_finetune.finetune_pipeline_vae)."""
     from diffusers import StableDiffusionXLPipeline
 
     from sdxl_ztsnr import export
@@ -315,9 +315,9 @@ def test_finetune_vae_stage_puts_the_decoder_into_the_pipeline_and_its_single_fi
 
     for _ in range(2):  # the second call is a requeue: nothing trains, the install is redone identically
         AcceleratorState._reset_state(reset_partial_state=True)
-        train_vae.finetune_pipeline_vae(pipeline_dir, [*argv, "--resume_from_checkpoint", "latest"], single)
+        vae_finetune.finetune_pipeline_vae(pipeline_dir, [*argv, "--resume_from_checkpoint", "latest"], single)
         AcceleratorState._reset_state(reset_partial_state=True)
-        stage = weights(pipeline_dir / train_vae.VAE_STAGE_SUBFOLDER)
+        stage = weights(pipeline_dir / vae_finetune.VAE_STAGE_SUBFOLDER)
         installed = weights(pipeline_dir / "vae")
         assert all(torch.equal(stage[k], installed[k]) for k in stage)
     original = base.vae.state_dict()

@@ -1,0 +1,127 @@
+"""The cache a UNet training run reads: opened (local, Hub, or a raw folder precomputed first), refused when it
+was made for another model, split into training and held-out rows, weighted by tags, with online text encoding
+when the captions change each step or the cache holds no embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdxl_ztsnr.base_model import BaseModel
+from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_frequencies, training_tag_weights
+
+logger = logging.getLogger("train_sdxl_ztsnr")
+
+
+@dataclass(frozen=True)
+class TagWeighting:
+    """NAI V3's tag-based loss weights: from a frequency file (or counted over the training rows), class weights
+    per tag class (a class map file, heuristics for the rest), clamped to [min_weight, max_weight]."""
+
+    class_weights: Mapping[str, float]
+    frequency_path: str | os.PathLike | None = None  # default: the cache's tag_frequencies.json
+    dynamic: bool = False
+    class_map: str | os.PathLike | None = None
+    min_weight: float = 0.1
+    max_weight: float = 3.0
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """What happens to a caption before it is encoded: dropout to the empty prompt, tag shuffle and dropout."""
+
+    dropout: float = 0.0  # --proportion_empty_prompts
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    online: bool = False  # encode every step (implied by keep_tokens / tag_dropout)
+
+
+def open_training_rows(
+    cache: str | os.PathLike,
+    base: BaseModel,
+    device: torch.device,
+    captions: CaptionSettings,
+    tag_weighting: TagWeighting | None,
+    resolution: int | None = None,
+    validation_rows: int = 16,
+    seed: int = 0,
+    normalize_latents: bool = False,
+    num_workers: int = 0,
+) -> TrainingRows:
+    """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
+    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None)."""
+    from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
+    from sdxl_ztsnr.precompute import load_vae
+    from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
+    from sdxl_ztsnr.text_encoding import encode_prompts, load_text_encoders
+
+    vae = load_vae(base.path, vae_name_or_path=base.vae_path)
+    dataset, metadata, cache_dir = open_cache(cache)
+    cached_text = not metadata["settings"]["text_online"]
+    text_online = captions.online or not cached_text
+    tokenizers, encoders = load_text_encoders(base.path) if (cached_text or text_online) else (None, None)
+    # What the cache depends on must be this model: same VAE, same text encoders (when embeddings are cached).
+    expected = model_identity(vae, encoders if cached_text else None)
+    if not cached_text:
+        expected = {k: v for k, v in expected.items() if not k.startswith("text_encoder")}
+    if resolution is not None:
+        expected["resolution"] = resolution  # a cache made at another resolution is refused, by name
+    dataset, metadata = load_cache(cache_dir, expected)
+    del vae
+    if text_online and not captions.online:
+        logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
+
+    train_ids, validation_ids = split_rows(dataset.with_format("arrow")["source"], validation_rows, seed)
+    weights = torch.ones(len(dataset))
+    if tag_weighting is not None:
+        if tag_weighting.dynamic:
+            frequencies = training_tag_frequencies(dataset, train_ids)
+        else:
+            frequencies = load_tag_frequencies(
+                tag_weighting.frequency_path or cache_dir / "tag_frequencies.json"
+            )
+        tag_classes = load_tag_classes(tag_weighting.class_map) if tag_weighting.class_map else None
+        factor = tag_factors(frequencies, dict(tag_weighting.class_weights), tag_classes)
+        raw = training_tag_weights(dataset, train_ids, factor)
+        weights[torch.from_numpy(train_ids)] = scale_tag_weights(
+            raw, tag_weighting.min_weight, tag_weighting.max_weight
+        )
+
+    encode = None
+    if text_online:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        encoders = [e.to(device, dtype) for e in encoders]
+        max_chunks = metadata["settings"]["max_token_chunks"]
+
+        def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            return encode_prompts(prompts, tokenizers, encoders, max_chunks)
+
+    mean = std = None
+    if normalize_latents:
+        mean, std = torch.tensor(metadata["latents_mean"]), torch.tensor(metadata["latents_std"])
+    return TrainingRows(
+        dataset,
+        metadata,
+        train_ids,
+        validation_ids,
+        weights,
+        load_pad_chunk(cache_dir),
+        mean,
+        std,
+        captions.dropout,
+        encode,
+        captions.keep_tokens,
+        captions.tag_dropout,
+        num_workers,
+    )
+
+
+def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:
+    """Where the run's cache is: --precomputed_dir, or OUTPUT_DIR/cache for a raw --train_data_dir."""
+    return precomputed_dir if precomputed_dir else Path(output_dir) / "cache"

@@ -1,0 +1,211 @@
+"""The UNet trainer's own option groups (train_sdxl_ztsnr.py): its data, tag weighting, schedule and loss, LoRA
+and EMA, validation and the VAE stage. The groups it shares with the other scripts are in options.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+
+from sdxl_ztsnr.options import add_ema_options, resolve_aliases
+
+
+def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The latent cache (or a raw folder precomputed first), captions as the trainer reads them, the loader."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--precomputed_dir",
+        "--tag_embedding_cache",
+        default=None,
+        help="latent cache written by precompute_latents.py",
+    )
+    data.add_argument(
+        "--train_data_dir",
+        "--data_dir",
+        default=None,
+        help="raw folder of images + .txt tags; precomputed into OUTPUT_DIR/cache first",
+    )
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="maximum bucket area is resolution² (raw data: default 1024; with a cache: checked against it)",
+    )
+    data.add_argument(
+        "--bucket_step", type=int, default=64, help="bucket sides are multiples of this (raw data)"
+    )
+    data.add_argument("--max_token_chunks", type=int, default=3, help="75-token chunks per prompt (raw data)")
+    data.add_argument(
+        "--precompute_shard_size",
+        type=int,
+        default=512,
+        help="raw data: images per precompute shard, the unit dealt to processes and resumed after a kill",
+    )
+    data.add_argument(
+        "--text_online",
+        action="store_true",
+        help="encode captions every step (needed for --tag_dropout and --keep_tokens)",
+    )
+    data.add_argument(
+        "--proportion_empty_prompts",
+        "--caption_dropout",
+        type=float,
+        default=0.0,
+        help="fraction of samples trained with the empty prompt (zero embeddings, for CFG)",
+    )
+    data.add_argument(
+        "--keep_tokens", type=int, default=0, help="with --text_online: first N tags stay in place"
+    )
+    data.add_argument(
+        "--tag_dropout", type=float, default=0.0, help="with --text_online: drop each other tag"
+    )
+    data.add_argument(
+        "--validation_rows", type=int, default=16, help="held-out cache rows for the validation loss"
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=2)
+
+    return data
+
+
+def add_tag_weighting_options(
+    parser: argparse.ArgumentParser, class_weights: Mapping[str, float]
+) -> argparse._ArgumentGroup:
+    """NAI V3's tag-based loss weighting: rarer tags and weightier classes count more."""
+    tags = parser.add_argument_group("tag-based loss weighting (NAI V3)")
+    tags.add_argument("--no_tag_weighting", action="store_true", help="every sample weighs 1")
+    tags.add_argument(
+        "--tag_frequency_path", default=None, help="tag_frequencies.json (default: the cache's)"
+    )
+    tags.add_argument(
+        "--dynamic_tag_weights",
+        action="store_true",
+        help="count tag frequencies over the training rows instead of reading them from a file",
+    )
+    tags.add_argument("--tag_class_map", default=None, help="JSON {tag: class}; heuristics for the others")
+    tags.add_argument("--min_tag_weight", type=float, default=0.1)
+    tags.add_argument("--max_tag_weight", type=float, default=3.0)
+    for name, weight in class_weights.items():
+        tags.add_argument(f"--{name}_weight", type=float, default=weight, help=f"class weight of {name} tags")
+
+    return tags
+
+
+def add_schedule_options(
+    parser: argparse.ArgumentParser, sigma_max: float, loss_weightings: Sequence[str]
+) -> argparse._ArgumentGroup:
+    """The ZTSNR noise schedule, the loss weighting and what moves the timesteps."""
+    ztsnr = parser.add_argument_group("noise schedule and loss")
+    ztsnr.add_argument("--sigma_max", type=float, default=sigma_max, help="terminal σ of the ZTSNR schedule")
+    ztsnr.add_argument("--no_ztsnr", action="store_true", help="ablation only: SDXL's schedule (σ_max 14.6)")
+    ztsnr.add_argument(
+        "--loss_weighting",
+        choices=list(loss_weightings),
+        default="min_snr",
+        help="min_snr keeps the pure-noise step trained; min_snr_unguarded is the textbook form",
+    )
+    ztsnr.add_argument("--snr_gamma", type=float, default=5.0, help="γ of MinSNR (NAI used 5)")
+    ztsnr.add_argument(
+        "--resolution_shift",
+        action="store_true",
+        help="shift training timesteps by s = √(H·W)/1024 per bucket (σ → s·σ)",
+    )
+    ztsnr.add_argument(
+        "--normalize_latents",
+        action="store_true",
+        help="per-channel mean/std normalisation of latents from the cache's statistics",
+    )
+
+    return ztsnr
+
+
+def add_adapter_options(
+    parser: argparse.ArgumentParser, lora_targets: Sequence[str]
+) -> argparse._ArgumentGroup:
+    """A LoRA instead of a full fine-tune, and an EMA of what trains."""
+    adapters = parser.add_argument_group("LoRA (instead of a full fine-tune) and EMA")
+    adapters.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="train a LoRA of this rank on the UNet (default: full UNet)",
+    )
+    adapters.add_argument(
+        "--lora_alpha", type=float, default=None, help="LoRA scale alpha/rank (default: rank)"
+    )
+    adapters.add_argument("--lora_dropout", type=float, default=0.0)
+    adapters.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(lora_targets),
+        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections",
+    )
+    adapters.add_argument(
+        "--allow_epsilon_base",
+        action="store_true",
+        help="train a LoRA on an ε-prediction base anyway (it cannot make that model v-prediction ZTSNR)",
+    )
+    add_ema_options(adapters, "keep an EMA of the trained weights", full=True)
+    adapters.add_argument(
+        "--export_ema",
+        action="store_true",
+        help="the exported model (pipeline, single file, LoRA) is the EMA",
+    )
+    adapters.add_argument("--validate_ema", action="store_true", help="sample validation images with the EMA")
+
+    return adapters
+
+
+def add_validation_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Sample grids and the fixed-noise validation loss during and after the run."""
+    validation = parser.add_argument_group("validation")
+    validation.add_argument(
+        "--validation_prompt", action="append", default=None, help="repeat for several prompts"
+    )
+    validation.add_argument("--validation_steps", type=int, default=500)
+    validation.add_argument("--num_validation_images", type=int, default=2, help="per prompt")
+    validation.add_argument("--validation_inference_steps", type=int, default=28)
+    validation.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    validation.add_argument("--validation_guidance_rescale", type=float, default=0.7)
+    return validation
+
+
+def add_vae_stage_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--finetune_vae: the VAE decoder stage after the UNet, on the same images."""
+    vae = parser.add_argument_group("VAE decoder stage (train_vae.py, after the UNet, on the same images)")
+    vae.add_argument(
+        "--finetune_vae",
+        action="store_true",
+        help="then fine-tune the VAE decoder (encoder frozen: latents stay valid) into OUTPUT_DIR/vae and the "
+        "single file",
+    )
+    vae.add_argument("--vae_learning_rate", type=float, default=None, help="default: train_vae.py's (1e-5)")
+    vae.add_argument("--vae_max_train_steps", type=int, default=None, help="default: one epoch of the images")
+    vae.add_argument(
+        "--vae_perceptual_weight", type=float, default=0.1, help="LPIPS weight (0: MSE only, no download)"
+    )
+    vae.add_argument(
+        "--_lpips_random_backbone", action="store_true", help=argparse.SUPPRESS
+    )  # tests: offline
+    return vae
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The trainer's flags that only make sense together, and the seed's aliases resolved."""
+    if (args.vae_learning_rate is not None or args.vae_max_train_steps) and not args.finetune_vae:
+        parser.error("--vae_learning_rate and --vae_max_train_steps are for the --finetune_vae stage")
+    if args.finetune_vae and not args.train_data_dir:
+        parser.error(
+            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents)"
+        )
+    resolve_aliases(args)
+    if (args.precomputed_dir is None) == (args.train_data_dir is None):
+        parser.error(
+            "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
+        )
+    # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
+    args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
+    args.text_online = args.text_online or args.text_online_implied
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error("--proportion_empty_prompts must be in [0, 1]")
+    if (args.export_ema or args.validate_ema) and not args.use_ema:
+        parser.error("--export_ema and --validate_ema need --use_ema")
