@@ -17,7 +17,7 @@ so our own export loads back bit-exact.
 Models, tokenizers and the scheduler config come from `config_dir` (a diffusers SDXL directory) or, without
 one, from SDXL base 1.0's configs on the Hub (json/txt only). A file without a VAE or text encoders loads
 those parts from `config_dir` when it holds their weights, and says so. The prediction type and schedule
-come from the file (`base_schedule`).
+come from the file (`sdxl_ztsnr.base_schedule`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from sdxl_ztsnr.base_schedule import BaseSchedule, read_base_schedule, scheduler_config_for
 from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.export import (
     CLIP_G_PREFIX,
@@ -43,9 +44,7 @@ from sdxl_ztsnr.export import (
     CLIP_L_PREFIX,
     FUSED_QKV,
     UNET_PREFIX,
-    V_PRED_KEY,
     VAE_PREFIX,
-    ZTSNR_KEY,
     apply_umask,
     clip_g_key_map,
     clip_l_key_map,
@@ -97,92 +96,6 @@ SOURCE_RECORD = "single_file_source.json"  # written last into a materialised di
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prediction type and schedule
-
-
-@dataclass(frozen=True)
-class BaseSchedule:
-    """What a base was trained to predict, on which schedule, and which marker or metadata key said so."""
-
-    prediction_type: Literal["epsilon", "v_prediction"]
-    zero_terminal_snr: bool
-    source: str
-
-    @property
-    def label(self) -> str:
-        """'ε', 'v-pred' or 'v-pred ZTSNR', for log lines."""
-        if self.prediction_type == "epsilon":
-            return "ε"
-        return "v-pred ZTSNR" if self.zero_terminal_snr else "v-pred"
-
-
-# Metadata keys naming the prediction type, in the order they are trusted: Stability's ModelSpec (our export,
-# kohya), ComfyUI's checkpoint save, plain, and kohya's training flag.
-_PREDICTION_METADATA = (
-    "modelspec.prediction_type",
-    "modelspec.predict_key",
-    "prediction_type",
-    "ss_v_parameterization",
-)
-_V_VALUES = {"v", "v_prediction", "v-prediction", "vpred", "v_pred", "true", "1"}
-_EPSILON_VALUES = {"epsilon", "eps", "ε", "false", "0"}
-
-
-def _metadata_prediction(metadata: Mapping[str, str]) -> tuple[str, str] | None:
-    """(prediction_type, 'key=value') from the first metadata key whose value is understood, else None."""
-    for key in _PREDICTION_METADATA:
-        value = str(metadata.get(key, "")).strip().lower()
-        if value in _V_VALUES:
-            return "v_prediction", f"{key}={metadata[key]}"
-        if value in _EPSILON_VALUES:
-            return "epsilon", f"{key}={metadata[key]}"
-    return None
-
-
-def read_base_schedule(keys: Sequence[str] | set[str], metadata: Mapping[str, str] | None) -> BaseSchedule:
-    """The base's prediction type and schedule from its marker tensors, else its metadata, else SDXL's ε.
-
-    The empty `v_pred` / `ztsnr` tensors are what ComfyUI, A1111 and Forge read, so they win over metadata.
-    ZTSNR also comes from kohya's `ss_zero_terminal_snr`; it is ignored on an ε base, as ComfyUI does.
-    """
-    keys, metadata = set(keys), dict(metadata or {})
-    from_metadata = _metadata_prediction(metadata)
-    if V_PRED_KEY in keys:
-        prediction, source = "v_prediction", f"marker tensor {V_PRED_KEY}"
-        if from_metadata and from_metadata[0] != prediction:
-            source += f" (over metadata {from_metadata[1]})"
-    elif from_metadata:
-        prediction, source = from_metadata[0], f"metadata {from_metadata[1]}"
-    else:
-        prediction, source = "epsilon", "no prediction-type marker or metadata: SDXL's default"
-    ztsnr = False
-    if prediction == "v_prediction":
-        if ZTSNR_KEY in keys:
-            ztsnr = True
-            source = source.replace(f"tensor {V_PRED_KEY}", f"tensors {V_PRED_KEY} and {ZTSNR_KEY}", 1)
-            if V_PRED_KEY not in keys:
-                source += f", marker tensor {ZTSNR_KEY}"
-        elif str(metadata.get("ss_zero_terminal_snr", "")).lower() in ("true", "1"):
-            ztsnr, source = True, source + ", metadata ss_zero_terminal_snr=True"
-    elif ZTSNR_KEY in keys:
-        source += f" ({ZTSNR_KEY} marker ignored without v-prediction)"
-    return BaseSchedule(prediction, ztsnr, source)
-
-
-def scheduler_config_for(scheduler_config: Mapping, schedule: BaseSchedule) -> dict:
-    """A copy of a scheduler config set to the base's prediction type and schedule (trailing spacing for ZTSNR,
-    Lin et al. 2023 §3.3; SDXL's own "leading" when a ZTSNR config is turned back to SDXL's schedule)."""
-    config = dict(scheduler_config)
-    config["prediction_type"] = schedule.prediction_type
-    if schedule.zero_terminal_snr:
-        config["timestep_spacing"] = "trailing"
-    elif config.get("rescale_betas_zero_snr", False):
-        config["timestep_spacing"] = "leading"
-    config["rescale_betas_zero_snr"] = schedule.zero_terminal_snr
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Reading and refusing
 
 
@@ -191,9 +104,13 @@ class _FileTensors(Mapping):
 
     def __init__(self, handle):
         self.handle, self.names = handle, list(handle.keys())
+        self._known = set(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known  # without reading the tensor, as Mapping's default would
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.names:
+        if key not in self._known:
             raise KeyError(key)
         return self.handle.get_tensor(key)
 
@@ -446,6 +363,7 @@ class SingleFileBase:
     path: Path
     schedule: BaseSchedule
     scheduler_config: dict  # the config dir's, set to the file's prediction type and schedule
+    force_zeros_for_empty_prompt: bool  # SDXL's all-zero embeddings for an empty negative (model_index.json)
     config_dir: Path  # where the configs and tokenizers came from
     unet: torch.nn.Module | None = None
     vae: torch.nn.Module | None = None
@@ -453,7 +371,6 @@ class SingleFileBase:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer: object | None = None
     tokenizer_2: object | None = None
-    force_zeros_for_empty_prompt: bool = True
     borrowed: tuple[str, ...] = ()  # components loaded from config_dir because the file has none
     ignored_keys: tuple[str, ...] = field(default=(), repr=False)  # file keys no model reads
 
@@ -485,7 +402,7 @@ class SingleFileBase:
         )
 
 
-def base_schedule(path: str | os.PathLike) -> BaseSchedule:
+def file_schedule(path: str | os.PathLike) -> BaseSchedule:
     """The prediction type and schedule of a single file (reads its header only); refuses non-SDXL files."""
     with open_single_file(path) as (tensors, metadata):
         check_sdxl_base(Path(path), list(tensors), metadata)
@@ -505,6 +422,17 @@ def _ignored_keys(keys: Sequence[str], used: set[str], skipped: Sequence[str], p
     if any(k.startswith("model_ema.") for k in ignored):
         logger.info("%s carries EMA weights (model_ema.*); loading the raw UNet (%s*)", path, UNET_PREFIX)
     return tuple(ignored)
+
+
+def _pipeline_settings(configs: Path, schedule: BaseSchedule) -> tuple[dict, bool]:
+    """(scheduler config set to the schedule, force_zeros_for_empty_prompt) from a config directory."""
+    scheduler_file = configs / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise UserError(f"{configs}: no scheduler/scheduler_config.json")
+    index_file = configs / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    scheduler_config = scheduler_config_for(json.loads(scheduler_file.read_text()), schedule)
+    return scheduler_config, bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def load_single_file(
@@ -532,18 +460,7 @@ def load_single_file(
         check_sdxl_base(path, keys, metadata)
         schedule = read_base_schedule(keys, metadata)
         configs = sdxl_config_dir(path, config_dir)
-        scheduler_file = configs / "scheduler" / "scheduler_config.json"
-        if not scheduler_file.is_file():
-            raise UserError(f"{configs}: no scheduler/scheduler_config.json")
-        index_file = configs / "model_index.json"
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        base = SingleFileBase(
-            path,
-            schedule,
-            scheduler_config_for(json.loads(scheduler_file.read_text()), schedule),
-            configs,
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        )
+        base = SingleFileBase(path, schedule, *_pipeline_settings(configs, schedule), config_dir=configs)
         used: set[str] = set()
         borrowed = []
         for component in components:
@@ -607,6 +524,7 @@ def materialize_as_diffusers_dir(
     digest = file_sha256(path)
     out = Path(out_dir) if out_dir is not None else default_cache_root() / f"{path.stem}-{digest[:16]}"
     if _materialised(out, digest):
+        logger.info("%s: using its diffusers copy in %s", path, out)
         return out
     if out.exists():
         raise UserError(
@@ -632,4 +550,15 @@ def materialize_as_diffusers_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         if not _materialised(out, digest):  # another process did not just finish the same conversion
             raise
+    logger.info(
+        "%s: %s base (%s); diffusers copy written to %s", path, base.schedule.label, base.schedule.source, out
+    )
     return out
+
+
+def as_diffusers_dir(model: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> str:
+    """`model` unchanged when it is a diffusers directory or a Hub id; a single file's materialised copy
+    (materialize_as_diffusers_dir, in the default cache) when it is a file."""
+    if Path(model).is_file():
+        return str(materialize_as_diffusers_dir(model, config_dir))
+    return str(model)

@@ -2,11 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdxl_ztsnr.base_schedule import BaseSchedule, read_base_schedule, scheduler_config_for
 from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.export import (
     CLIP_G_PREFIX,
@@ -18,12 +20,10 @@ from sdxl_ztsnr.export import (
 )
 from sdxl_ztsnr.single_file import (
     SOURCE_RECORD,
-    BaseSchedule,
-    base_schedule,
+    as_diffusers_dir,
+    file_schedule,
     load_single_file,
     materialize_as_diffusers_dir,
-    read_base_schedule,
-    scheduler_config_for,
 )
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -76,7 +76,7 @@ def test_our_export_loads_back_bit_exact(tiny_sdxl, trained, tmp_path, dtype):
     path = save_single_file(tmp_path / "model.safetensors", *trained.values(), dtype=dtype)
     base = load_single_file(path, tiny_sdxl)
     assert_same_weights(base, trained, dtype)
-    assert base.schedule == BaseSchedule("v_prediction", True, "marker tensors v_pred and ztsnr")
+    assert base.schedule == BaseSchedule("v_prediction", True, "marker tensor v_pred, marker tensor ztsnr")
     assert base.borrowed == ()
     # What export adds and no diffusers model holds: CLIP-L's position_ids, open_clip's logit_scale, the markers.
     assert set(base.ignored_keys) == {
@@ -91,6 +91,14 @@ def test_our_export_loads_back_bit_exact(tiny_sdxl, trained, tmp_path, dtype):
         assert cast.vae is None and cast.tokenizer is None
         want = {k: v.to(dtype).float() for k, v in trained["unet"].items()}
         assert all(torch.equal(cast.unet.state_dict()[k], v) for k, v in want.items())
+
+
+def test_fp8_file_loads_cast_to_the_asked_dtype(tiny_sdxl, trained, tmp_path):
+    """ComfyUI saves fp8 (e4m3) checkpoints; dtype= brings them to a dtype the models compute in."""
+    path = save_single_file(tmp_path / "fp8.safetensors", *trained.values(), dtype=torch.float8_e4m3fn)
+    base = load_single_file(path, tiny_sdxl, dtype=torch.float32, components=("unet", "text_encoder_2"))
+    fp8 = {name: {k: v.to(torch.float8_e4m3fn).float() for k, v in trained[name].items()} for name in trained}
+    assert_same_weights(base, fp8, names=("unet", "text_encoder_2"))
 
 
 def _other_writers_file(trained, path, metadata):
@@ -186,6 +194,21 @@ def test_materialized_directory_loads_with_from_pretrained_and_is_reused(tiny_sd
     one_line_error(lambda: materialize_as_diffusers_dir(path, tiny_sdxl, tiny_sdxl), "is not a conversion of")
 
 
+def test_as_diffusers_dir_passes_directories_and_caches_files_by_content(
+    tiny_sdxl, trained, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SDXL_ZTSNR_CACHE", str(tmp_path / "cache"))
+    assert as_diffusers_dir(tiny_sdxl) == str(tiny_sdxl)
+    assert as_diffusers_dir("owner/hub-model") == "owner/hub-model"
+    path = save_single_file(tmp_path / "a.safetensors", *trained.values(), dtype=torch.float16)
+    copy = shutil.copy(path, tmp_path / "b.safetensors")
+    out = as_diffusers_dir(path, tiny_sdxl)
+    assert out.startswith(str(tmp_path / "cache" / "a-")) and (Path(out) / SOURCE_RECORD).is_file()
+    assert as_diffusers_dir(copy, tiny_sdxl) != out  # another name: another folder, same content
+    save_single_file(path, *trained.values(), dtype=torch.bfloat16)  # the file changes: a new conversion
+    assert as_diffusers_dir(path, tiny_sdxl) != out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prediction type and schedule
 
@@ -193,7 +216,7 @@ def test_materialized_directory_loads_with_from_pretrained_and_is_reused(tiny_sd
 @pytest.mark.parametrize(
     ("keys", "metadata", "expected"),
     [
-        ({"v_pred", "ztsnr"}, {}, ("v_prediction", True, "marker tensors v_pred and ztsnr")),
+        ({"v_pred", "ztsnr"}, {}, ("v_prediction", True, "marker tensor v_pred, marker tensor ztsnr")),
         ({"v_pred"}, {}, ("v_prediction", False, "marker tensor v_pred")),
         ({"v_pred"}, {"modelspec.prediction_type": "epsilon"}, ("v_prediction", False, "over metadata")),
         (set(), {"modelspec.prediction_type": "v"}, ("v_prediction", False, "modelspec.prediction_type=v")),
@@ -288,7 +311,7 @@ def test_files_that_are_not_sdxl_bases_are_refused(tiny_sdxl, original, tmp_path
         (diffusers_unet, "diffusers-layout UNet"),
     ]:
         one_line_error(lambda path=path: load_single_file(path, tiny_sdxl), str(path), needle)
-    one_line_error(lambda: base_schedule(sd15), str(sd15), "SD 1.x/2.x")
+    one_line_error(lambda: file_schedule(sd15), str(sd15), "SD 1.x/2.x")
 
 
 def test_truncated_or_mismatched_weights_are_refused(tiny_sdxl, original, tmp_path):
