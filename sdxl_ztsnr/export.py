@@ -324,17 +324,15 @@ def vae_module_table(vae_keys: Iterable[str]) -> dict[str, str]:
     return table
 
 
-def _rename(
-    state_dict: Mapping[str, torch.Tensor], table: dict[str, str], what: str
-) -> dict[str, torch.Tensor]:
-    """Rename every key by its longest module-path prefix found in `table`; fail on any key left unmapped."""
+def _renamed_keys(keys: Iterable[str], table: dict[str, str], what: str) -> dict[str, str]:
+    """Each key -> its new name, by its longest module-path prefix found in `table`; fail on any key left unmapped."""
     out, unmapped = {}, []
-    for key, tensor in state_dict.items():
+    for key in keys:
         parts = key.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             module = ".".join(parts[:cut])
             if module in table:
-                out[table[module] + "." + ".".join(parts[cut:])] = tensor
+                out[key] = table[module] + "." + ".".join(parts[cut:])
                 break
         else:
             unmapped.append(key)
@@ -343,50 +341,61 @@ def _rename(
             f"{what}: {len(unmapped)} keys have no place in the original SDXL layout, e.g. {unmapped[:5]}. "
             "Pass a plain diffusers state dict (LoRA/PEFT adapters merged, no wrapper prefixes)."
         )
-    if len(out) != len(state_dict):
+    if len(set(out.values())) != len(out):
         raise ValueError(
-            f"{what}: {len(state_dict) - len(out)} keys collided when renamed; the table is wrong."
+            f"{what}: {len(out) - len(set(out.values()))} keys collided when renamed; the table is wrong."
         )
     return out
 
 
+def unet_key_map(unet_keys: Iterable[str]) -> dict[str, str]:
+    """diffusers UNet2DConditionModel key -> its `model.diffusion_model.*` key (one to one, tensors unchanged)."""
+    keys = list(unet_keys)
+    return {k: UNET_PREFIX + v for k, v in _renamed_keys(keys, unet_module_table(keys), "UNet").items()}
+
+
+def vae_key_map(vae_keys: Iterable[str]) -> dict[str, str]:
+    """diffusers AutoencoderKL key -> its `first_stage_model.*` key (one to one; see vae_to_original_state_dict)."""
+    keys = list(vae_keys)
+    return {k: VAE_PREFIX + v for k, v in _renamed_keys(keys, vae_module_table(keys), "VAE").items()}
+
+
 def unet_to_original_state_dict(unet_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel state dict -> sgm `model.diffusion_model.*` keys (tensors unchanged)."""
-    renamed = _rename(unet_state_dict, unet_module_table(unet_state_dict.keys()), "UNet")
-    return {UNET_PREFIX + k: v for k, v in renamed.items()}
+    return {new: unet_state_dict[old] for old, new in unet_key_map(unet_state_dict.keys()).items()}
 
 
 def vae_to_original_state_dict(vae_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKL state dict -> `first_stage_model.*` keys; attention linears become 1x1 convs."""
-    renamed = _rename(vae_state_dict, vae_module_table(vae_state_dict.keys()), "VAE")
     out = {}
-    for key, tensor in renamed.items():
+    for old, new in vae_key_map(vae_state_dict.keys()).items():
+        tensor = vae_state_dict[old]
         # ldm's AttnBlock uses Conv2d(C, C, 1) for q/k/v/proj_out: (C, C) -> (C, C, 1, 1).
-        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+        if ".mid.attn_1." in new and new.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor.reshape(*tensor.shape, 1, 1)
-        out[VAE_PREFIX + key] = tensor
+        out[new] = tensor
     return out
 
 
-def _text_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Normalise CLIP keys to `text_model.*` (transformers >= 5.6 saves CLIPTextModel without that level)."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if key.startswith("text_model.") or key == "text_projection.weight":
-            out[key] = tensor
-        else:
-            out["text_model." + key] = tensor
+def _text_model_key(key: str) -> str:
+    """A CLIP key under `text_model.` (transformers >= 5.6 names CLIPTextModel's keys without that level)."""
+    return key if key.startswith("text_model.") or key == "text_projection.weight" else "text_model." + key
+
+
+def clip_l_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModel key -> `conditioner.embedders.0.transformer.text_model.*` (same names otherwise)."""
+    out = {key: CLIP_L_PREFIX + _text_model_key(key) for key in keys}
+    if CLIP_L_PREFIX + "text_projection.weight" in out.values():
+        raise ValueError(
+            "CLIP-L: got a text_projection; pass the first encoder (CLIPTextModel), not encoder 2."
+        )
     return out
 
 
 def clip_l_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers CLIPTextModel -> `conditioner.embedders.0.transformer.text_model.*` (same names otherwise),
     plus the int64 (1, positions) `embeddings.position_ids` the original checkpoint stores."""
-    out = {CLIP_L_PREFIX + k: v for k, v in _text_model_keys(state_dict).items()}
-    if CLIP_L_PREFIX + "text_projection.weight" in out:
-        raise ValueError(
-            "CLIP-L: got a text_projection; pass the first encoder (CLIPTextModel), not encoder 2."
-        )
+    out = {new: state_dict[old] for old, new in clip_l_key_map(state_dict.keys()).items()}
     positions = out[CLIP_L_PREFIX + "text_model.embeddings.position_embedding.weight"].shape[0]
     out.setdefault(
         CLIP_L_PREFIX + "text_model.embeddings.position_ids", torch.arange(positions, dtype=torch.int64)[None]
@@ -394,6 +403,14 @@ def clip_l_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
     return out
 
 
+# open_clip's text tower: names outside the residual blocks, and per block (transformers name -> open_clip name).
+_OPEN_CLIP_TOP_LEVEL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",  # stored transposed
+}
 _OPEN_CLIP_LAYER_SUBLAYERS = {
     "layer_norm1": "ln_1",
     "layer_norm2": "ln_2",
@@ -401,6 +418,47 @@ _OPEN_CLIP_LAYER_SUBLAYERS = {
     "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
+# torch MultiheadAttention stacks q, k, v (in that order, on dim 0) into one in_proj weight and bias.
+FUSED_QKV = ("q_proj", "k_proj", "v_proj")
+CLIP_G_TEXT_PROJECTION = CLIP_G_PREFIX + "text_projection"
+_CLIP_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def qkv_index(key: str) -> int | None:
+    """Where a transformers q/k/v projection key sits in open_clip's fused in_proj (0, 1, 2); None for others."""
+    parts = key.split(".")
+    return FUSED_QKV.index(parts[-2]) if len(parts) > 2 and parts[-2] in FUSED_QKV else None
+
+
+def clip_g_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModelWithProjection key -> open_clip key under `conditioner.embedders.1.model.*`.
+
+    A layer's q, k and v projections all map to its fused `attn.in_proj_weight` / `in_proj_bias` (qkv_index
+    says where each sits) and `text_projection.weight` maps to `text_projection`, stored transposed: see
+    clip_g_to_original_state_dict. The position_ids buffer has no place (open_clip holds none).
+    """
+    out, unmapped = {}, []
+    for key in keys:
+        name = _text_model_key(key)
+        layer = _CLIP_LAYER_KEY.fullmatch(name)
+        if name == "text_model.embeddings.position_ids":
+            continue
+        if name in _OPEN_CLIP_TOP_LEVEL:
+            out[key] = _OPEN_CLIP_TOP_LEVEL[name]
+        elif layer and layer.group(2) in {f"self_attn.{p}" for p in FUSED_QKV}:
+            out[key] = f"transformer.resblocks.{layer.group(1)}.attn.in_proj_{layer.group(3)}"
+        elif layer and layer.group(2) in _OPEN_CLIP_LAYER_SUBLAYERS:
+            sublayer = _OPEN_CLIP_LAYER_SUBLAYERS[layer.group(2)]
+            out[key] = f"transformer.resblocks.{layer.group(1)}.{sublayer}.{layer.group(3)}"
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ValueError(
+            f"CLIP-G: {len(unmapped)} keys have no place in the open_clip layout, e.g. {unmapped[:5]}."
+        )
+    if "text_projection" not in out.values():
+        raise ValueError("CLIP-G: no text_projection.weight; pass encoder 2 (CLIPTextModelWithProjection).")
+    return {key: CLIP_G_PREFIX + new for key, new in out.items()}
 
 
 def clip_g_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -410,30 +468,22 @@ def clip_g_to_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
     and the projection is stored transposed, (hidden, projection_dim), as open_clip applies `x @ text_projection`.
     `logit_scale` (unused for conditioning) gets CLIP's final value ln 100, which the SDXL base file has.
     """
-    sd = _text_model_keys(state_dict)
-    sd.pop("text_model.embeddings.position_ids", None)  # open_clip has no such buffer
-    if "text_projection.weight" not in sd:
-        raise ValueError("CLIP-G: no text_projection.weight; pass encoder 2 (CLIPTextModelWithProjection).")
-    out = {
-        "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
-        "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
-        "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
-        "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
-        "text_projection": sd.pop("text_projection.weight").t().contiguous(),
-        "logit_scale": torch.tensor(CLIP_G_LOGIT_SCALE),  # 0-dim, as open_clip stores it
-    }
-    for layer in _child_indices(sd, "text_model.encoder.layers."):
-        src, dst = f"text_model.encoder.layers.{layer}", f"transformer.resblocks.{layer}"
-        for param in ("weight", "bias"):
-            qkv = [sd.pop(f"{src}.self_attn.{p}_proj.{param}") for p in ("q", "k", "v")]
-            out[f"{dst}.attn.in_proj_{param}"] = torch.cat(qkv, dim=0)
-            for new, old in _OPEN_CLIP_LAYER_SUBLAYERS.items():
-                out[f"{dst}.{old}.{param}"] = sd.pop(f"{src}.{new}.{param}")
-    if sd:
-        raise ValueError(
-            f"CLIP-G: {len(sd)} keys have no place in the open_clip layout, e.g. {list(sd)[:5]}."
-        )
-    return {CLIP_G_PREFIX + k: v for k, v in out.items()}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, list[torch.Tensor | None]] = {}
+    for old, new in clip_g_key_map(state_dict.keys()).items():
+        tensor, part = state_dict[old], qkv_index(old)
+        if part is not None:
+            fused.setdefault(new, [None] * len(FUSED_QKV))[part] = tensor
+        elif new == CLIP_G_TEXT_PROJECTION:
+            out[new] = tensor.t().contiguous()
+        else:
+            out[new] = tensor
+    for new, parts in fused.items():
+        if any(p is None for p in parts):
+            raise ValueError(f"CLIP-G: {new} needs q, k and v projections; one is missing.")
+        out[new] = torch.cat(parts, dim=0)
+    out[CLIP_G_PREFIX + "logit_scale"] = torch.tensor(CLIP_G_LOGIT_SCALE)  # 0-dim, as open_clip stores it
+    return out
 
 
 def original_state_dict(

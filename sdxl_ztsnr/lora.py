@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl_ztsnr.export import UNET_PREFIX, unet_to_original_state_dict
+from sdxl_ztsnr.export import UNET_PREFIX, unet_key_map
 
 ADAPTER_NAME = "default"
 # The attention projections of every transformer block (self-attention attn1, cross-attention attn2). In
@@ -155,8 +155,7 @@ def kohya_module_names(unet: torch.nn.Module) -> dict[str, str]:
     """diffusers module name -> kohya name (`lora_unet_` + the original SGM module path with `_` for `.`)."""
     # The UNet's own key set (LoRA wrappers removed) gives the full module tree the SGM table is derived from.
     base_keys = [k.replace(".base_layer.", ".") for k in unet.state_dict() if ".lora_" not in k]
-    original = unet_to_original_state_dict({key: key for key in base_keys})  # values: the diffusers keys
-    to_original = {key: sgm.removeprefix(UNET_PREFIX) for sgm, key in original.items()}
+    to_original = {key: sgm.removeprefix(UNET_PREFIX) for key, sgm in unet_key_map(base_keys).items()}
     names = {}
     for module in lora_modules(unet):
         sgm_key = to_original[f"{module}.weight"]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -499,15 +498,6 @@ def generate(
 # Loading a model and describing an image
 
 
-def single_file_markers(path: str | os.PathLike) -> tuple[bool, bool]:
-    """(v_pred, ztsnr): whether a single-file checkpoint carries the marker tensors ComfyUI/A1111/Forge read."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        keys = set(handle.keys())
-    return "v_pred" in keys, "ztsnr" in keys
-
-
 def load_pipeline(
     model: str | os.PathLike,
     config: str | os.PathLike | None = None,
@@ -516,8 +506,9 @@ def load_pipeline(
 ):
     """A StableDiffusionXLPipeline from a diffusers directory or a single .safetensors file.
 
-    A single file takes its configs from ``config`` (a diffusers SDXL directory; without it diffusers asks the
-    Hub) and its prediction type and schedule from its ``v_pred`` / ``ztsnr`` markers, as ComfyUI does. A VAE
+    A single file (`sdxl_ztsnr.single_file`) takes its configs from ``config`` (a diffusers SDXL directory;
+    without it SDXL base's from the Hub) and its prediction type and schedule from its ``v_pred`` / ``ztsnr``
+    markers, as ComfyUI does, else its metadata. A VAE
     whose config asks for upcasting (SDXL's overflows in fp16) is kept in fp32.
     """
     from diffusers import StableDiffusionXLPipeline
@@ -540,49 +531,23 @@ def load_pipeline(
 
 
 def _load_single_file(path: Path, config, dtype: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors import SafetensorError
+    """An SDXL single file through `sdxl_ztsnr.single_file` (configs from ``config`` or the Hub), with the
+    prediction type and schedule its v_pred / ztsnr markers or metadata give."""
+    from sdxl_ztsnr.single_file import load_single_file
 
     if config is not None and not (Path(config) / "model_index.json").is_file():
         raise UserError(f"--config {config}: not a diffusers SDXL directory (no model_index.json)")
     try:
-        v_pred, ztsnr = single_file_markers(path)
-    except (OSError, SafetensorError) as error:
-        raise UserError(f"--model {path}: not a readable .safetensors file ({_reason(error)})") from error
-    try:
-        kwargs = {"config": str(config), "local_files_only": True} if config is not None else {}
-        pipeline = StableDiffusionXLPipeline.from_single_file(str(path), dtype=dtype, **kwargs)
-    except (OSError, ValueError, SafetensorError) as error:
-        if config is None:
-            raise UserError(
-                f"--model {path}: a single file needs SDXL's configs, which could not be fetched "
-                f"({_reason(error)}); offline, pass --config DIR (a diffusers SDXL pipeline directory)"
-            ) from error
-        raise UserError(f"--model {path}: cannot load ({_reason(error)})") from error
-    scheduler_config = dict(pipeline.scheduler.config)
-    scheduler_config["prediction_type"] = "v_prediction" if v_pred else "epsilon"
-    scheduler_config["rescale_betas_zero_snr"] = ztsnr
-    if ztsnr:
-        scheduler_config["timestep_spacing"] = "trailing"
-    elif pipeline.scheduler.config.get("rescale_betas_zero_snr", False):
-        scheduler_config["timestep_spacing"] = "leading"  # SDXL's own
-    pipeline.scheduler = pipeline.scheduler.__class__.from_config(scheduler_config)
-    return pipeline
-
-
-def _reason(error: BaseException) -> str:
-    """The first line of a loader's error message (they run to many lines)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        return load_single_file(path, config, dtype).pipeline()
+    except UserError as error:
+        raise UserError(f"--model {error}") from None
 
 
 def model_hash(path: str | os.PathLike) -> str:
     """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    from sdxl_ztsnr.single_file import file_sha256
+
+    return file_sha256(path)[:10]
 
 
 def _quote(value) -> str:
