@@ -116,6 +116,7 @@ def kill_hook(spec: str | None):
 
 def main(args: argparse.Namespace) -> dict:
     from sdxl_ztsnr import cache, hub
+    from sdxl_ztsnr.base_model import resolve_base
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
     from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs
     from sdxl_ztsnr.precompute_run import format_summary, process_state, run_precompute
@@ -130,13 +131,20 @@ def main(args: argparse.Namespace) -> dict:
         )
     else:
         inputs = DatasetInputs(args.dataset_name, args.image_column, args.caption_column, args.dataset_split)
+    # Models: a single-file base becomes a cached diffusers directory (one process per machine makes it)
+    base = resolve_base(
+        args.pretrained_model_name_or_path,
+        args.config,
+        vae_path=args.pretrained_vae_model_name_or_path,
+        first=process_state().local_main_process_first,
+    )
     # Precompute (every rank), merge (rank 0)
     try:
         result = run_precompute(
             inputs,
             args.output_dir,
-            args.pretrained_model_name_or_path,
-            args.pretrained_vae_model_name_or_path,
+            base.path,
+            base.vae_path,
             vae_dtype=args.vae_dtype,
             text_encoder_dtype=args.text_encoder_dtype,
             text_online=args.text_online,

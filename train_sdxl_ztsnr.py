@@ -22,7 +22,7 @@ import torch
 
 from sdxl_ztsnr import checkpointing, launch, lifecycle, options, unet_options
 from sdxl_ztsnr.attention import ATTENTION_BACKENDS, attention_context, configure_attention
-from sdxl_ztsnr.base_model import BaseModel
+from sdxl_ztsnr.base_model import BaseModel, conversion_note, resolve_base
 from sdxl_ztsnr.console import UserError, make_output_dir
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
 from sdxl_ztsnr.optimizers import (
@@ -103,7 +103,7 @@ def make_accelerator(args: argparse.Namespace):
     )
 
 
-def precompute_raw_data(args: argparse.Namespace) -> Path:
+def precompute_raw_data(args: argparse.Namespace, base: BaseModel) -> Path:
     """--train_data_dir: build (or finish, or reuse) OUTPUT_DIR/cache with precompute_latents.py's own code."""
     from sdxl_ztsnr.precompute import FolderInputs
     from sdxl_ztsnr.precompute_run import DECODE_WORKERS, format_summary, run_precompute
@@ -112,8 +112,8 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
     result = run_precompute(
         FolderInputs(args.train_data_dir),
         cache_dir,
-        args.pretrained_model_name_or_path,
-        args.pretrained_vae_model_name_or_path,
+        base.path,
+        base.vae_path,
         text_online=args.text_online,
         resolution=args.resolution or 1024,
         bucket_step=args.bucket_step,
@@ -125,19 +125,22 @@ def precompute_raw_data(args: argparse.Namespace) -> Path:
     return cache_dir
 
 
-def base_model(args: argparse.Namespace) -> BaseModel:
-    return BaseModel(
+def base_model(args: argparse.Namespace, accelerator) -> BaseModel:
+    """The base as given, or a single file's diffusers copy (made by one process per machine, then reused)."""
+    return resolve_base(
         args.pretrained_model_name_or_path,
+        args.config,
         args.revision,
         args.variant,
         args.pretrained_vae_model_name_or_path,
+        accelerator.local_main_process_first,
     )
 
 
-def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
+def load_training_data(args: argparse.Namespace, accelerator, base: BaseModel) -> TrainingRows:
     """The cache (refused if made for another model), tag weights, held-out rows, online text encoders."""
     # A local cache, a Hub dataset id (downloaded once, memory-mapped), or a raw folder precomputed now.
-    source = args.precomputed_dir or precompute_raw_data(args)
+    source = args.precomputed_dir or precompute_raw_data(args, base)
     accelerator.wait_for_everyone()
     if args.text_online_implied:
         logger.info(
@@ -159,7 +162,7 @@ def load_training_data(args: argparse.Namespace, accelerator) -> TrainingRows:
     )
     return open_training_rows(
         source,
-        base_model(args),
+        base,
         accelerator.device,
         captions,
         tags,
@@ -204,7 +207,7 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype:
     return mixed or (torch.bfloat16 if args.weights_dtype == "bf16" else torch.float32)
 
 
-def trained_weights(args: argparse.Namespace, unet, distributed_type) -> TrainedWeights:
+def trained_weights(args: argparse.Namespace, base: BaseModel, unet, distributed_type) -> TrainedWeights:
     """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
     from accelerate.utils import DistributedType
 
@@ -215,7 +218,7 @@ def trained_weights(args: argparse.Namespace, unet, distributed_type) -> Trained
         )
     lora = ema = None
     if args.lora_rank:
-        check_lora_base(args.pretrained_model_name_or_path, args.allow_epsilon_base, args.revision)
+        check_lora_base(base.path, args.allow_epsilon_base, base.revision)
         lora = LoraSettings(
             args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules)
         )
@@ -255,6 +258,7 @@ def latent_stats(args: argparse.Namespace, data: TrainingRows):
 def save_outputs(
     args,
     accelerator,
+    base: BaseModel,
     weights: TrainedWeights,
     unet,
     data: TrainingRows,
@@ -269,7 +273,7 @@ def save_outputs(
             Path(args.output_dir),
             weights,
             model,
-            base_model(args),
+            base,
             saved_options(args),
             run_id,
             step,
@@ -319,7 +323,14 @@ def run_vae_stage(args: argparse.Namespace) -> dict:
 
 
 def run_validation(
-    args, accelerator, weights: TrainedWeights, unet, data: TrainingRows, alpha_bar, step: int
+    args,
+    accelerator,
+    base: BaseModel,
+    weights: TrainedWeights,
+    unet,
+    data: TrainingRows,
+    alpha_bar,
+    step: int,
 ) -> dict[str, float]:
     """Validation loss on held-out rows and sample grids (all processes' models are equal; main computes).
 
@@ -333,7 +344,7 @@ def run_validation(
     with accelerator.autocast(), weights.exported(args.validate_ema):
         metrics = fixed_validation_loss(model, batches, alpha_bar, seed=args.seed)
         if args.validation_prompt:
-            pipeline = base_model(args).load_pipeline(model, dtype=torch.float32).to(accelerator.device)
+            pipeline = base.load_pipeline(model, dtype=torch.float32).to(accelerator.device)
             stats = latent_stats(args, data)
             if stats is not None:
                 mean, std = vae_config_latent_stats(*stats, pipeline.vae.config.scaling_factor)
@@ -355,7 +366,7 @@ def run_validation(
 
 
 def finish_only(
-    args, accelerator, weights: TrainedWeights, data: TrainingRows, plan: lifecycle.RunPlan
+    args, accelerator, base: BaseModel, weights: TrainedWeights, data: TrainingRows, plan: lifecycle.RunPlan
 ) -> dict:
     """A requeue of a finished run: train nothing, overwrite nothing; write the outputs only if missing."""
     logger.info(
@@ -369,7 +380,7 @@ def finish_only(
         unet = accelerator.prepare(weights.unet)
         weights.register_checkpoint_hooks(accelerator)
         accelerator.load_state(plan.resume)
-        save_outputs(args, accelerator, weights, unet, data, {}, plan.resume_step, plan.run_id)
+        save_outputs(args, accelerator, base, weights, unet, data, {}, plan.resume_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     run_vae_stage(args)
@@ -398,8 +409,10 @@ def main(args: argparse.Namespace) -> dict:
     if stage is not None:
         stage.check()  # LPIPS cannot load (offline): say so now, not after the UNet stage
 
-    # Data: the latent cache (built here from raw images if needed), global batches of one bucket each.
-    data = load_training_data(args, accelerator)
+    # Base and data: the latent cache (built here from raw images if needed), global batches of one bucket each.
+    base = base_model(args, accelerator)
+    logger.info(conversion_note(base.schedule(), ztsnr=not args.no_ztsnr))
+    data = load_training_data(args, accelerator, base)
     sampler = BucketBatchSampler(
         data.train_buckets,
         args.train_batch_size,
@@ -412,14 +425,14 @@ def main(args: argparse.Namespace) -> dict:
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
     # Model: the whole UNet or a LoRA on it, with its EMA; then schedule and optimizer.
-    unet = base_model(args).load_trainable_unet(
+    unet = base.load_trainable_unet(
         args.weights_dtype == "bf16",
         args.gradient_checkpointing,
         channels_last=accelerator.device.type == "cuda",
     )
-    weights = trained_weights(args, unet, accelerator.distributed_type)
+    weights = trained_weights(args, base, unet, accelerator.distributed_type)
     if plan.finished_at(max_steps):
-        return finish_only(args, accelerator, weights, data, plan)
+        return finish_only(args, accelerator, base, weights, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
     attention = configure_attention(
         weights.unet, args.attention_backend, accelerator.device, compute_dtype(args)
@@ -507,12 +520,12 @@ def main(args: argparse.Namespace) -> dict:
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
             save_checkpoint(args, accelerator, global_step, position, plan.run_id)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
-            metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
+            metrics = run_validation(args, accelerator, base, weights, unet, data, alpha_bar, global_step)
 
     progress.close()
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, weights, unet, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, weights, unet, data, metrics, global_step, plan.run_id)
+    metrics = run_validation(args, accelerator, base, weights, unet, data, alpha_bar, global_step)
+    save_outputs(args, accelerator, base, weights, unet, data, metrics, global_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()

@@ -49,9 +49,15 @@ def add_model_options(
         "--model_path",
         required=required,
         default=None,
-        help=model_help,
+        help=(model_help + "; or" if model_help else "an SDXL base:") + " a single .safetensors file",
     )
     model.add_argument("--pretrained_vae_model_name_or_path", default=None, help=vae_help)
+    model.add_argument(
+        "--config",
+        default=None,
+        help="with a single-file base (.safetensors, original SDXL layout): a diffusers SDXL directory holding "
+        "the configs and tokenizers (default: stabilityai/stable-diffusion-xl-base-1.0's, when online)",
+    )
     if revisions:
         model.add_argument("--revision", default=None)
         model.add_argument("--variant", default=None, help=variant_help)

@@ -81,14 +81,14 @@ def write_run_outputs(
     """Every output of step ``step`` of run ``run_id`` (main process only); outputs.json last, so a requeue of
     a finished run knows they are complete and leaves them alone."""
     name = out.resolve().name
-    weights.save(out, name, base.path, ztsnr, export_ema)
+    weights.save(out, name, base.label, ztsnr, export_ema)
     if weights.lora is None:
         with weights.exported(export_ema):
             save_pipeline_and_single_file(out, name, base, model, ztsnr, single_file, latent_stats)
     (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
     card = model_card(
         card_name or name,
-        base.path,
+        base.label,
         config,
         validation_images=None,
         metrics=metrics or {},

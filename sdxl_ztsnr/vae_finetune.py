@@ -43,6 +43,7 @@ class VaeRun:
     # model and images
     pretrained_model_name_or_path: str | None
     pretrained_vae_model_name_or_path: str | None
+    config: str | None
     revision: str | None
     variant: str | None
     train_data_dir: str | None
@@ -162,9 +163,12 @@ def report_skipped(output_dir: str, scan: vae_data.ImageScan, total: int) -> Non
         )
 
 
-def load_starting_vae(run):
-    """The VAE to fine-tune, fp32, and its config (what the outputs keep)."""
+def load_starting_vae(run: VaeRun, accelerator):
+    """The VAE to fine-tune, fp32, and its config (what the outputs keep). A single-file base is converted
+    once per machine into a cached diffusers directory (sdxl_ztsnr.base_model.resolve_base)."""
     from diffusers import AutoencoderKL
+
+    from sdxl_ztsnr.base_model import resolve_base
 
     if run.pretrained_vae_model_name_or_path:
         with loading_model(run.pretrained_vae_model_name_or_path, "vae"):
@@ -172,11 +176,18 @@ def load_starting_vae(run):
                 run.pretrained_vae_model_name_or_path, torch_dtype=torch.float32
             )
     else:
-        with loading_model(run.pretrained_model_name_or_path, "vae"):
+        base = resolve_base(
+            run.pretrained_model_name_or_path, run.config, run.revision, run.variant,
+            first=accelerator.local_main_process_first,
+        )  # fmt: skip
+        with loading_model(base.label, "vae"):
             vae = AutoencoderKL.from_pretrained(
-                run.pretrained_model_name_or_path, subfolder="vae", revision=run.revision,
-                variant=run.variant, torch_dtype=torch.float32,
-            )  # fmt: skip
+                base.path,
+                subfolder="vae",
+                revision=base.revision,
+                variant=base.variant,
+                torch_dtype=torch.float32,
+            )
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if run.crop_size % factor:
         raise SystemExit(
@@ -446,7 +457,7 @@ def finetune_vae(run: VaeRun) -> dict:
     # Data: every image decoded once (bad ones skipped), whole images held out, random crops of the rest.
     images, scan = load_images(run, accelerator)
     train_pos, held_pos = vae_data.split_held_out(len(scan.usable), run.validation_images, run.seed)
-    vae, starting_config = load_starting_vae(run)
+    vae, starting_config = load_starting_vae(run, accelerator)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     data = vae_data.CropData(
         images,

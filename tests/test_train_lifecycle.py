@@ -151,7 +151,7 @@ def test_non_finite_steps_are_counted_without_clipping(tiny_sdxl, train_cache, t
 def test_push_uploads_no_cache_and_validation_uses_the_vae_of_the_latents(
     tiny_sdxl, demo_data, trainer_args, tmp_path, monkeypatch
 ):
-    from sdxl_ztsnr import hub
+    from sdxl_ztsnr import hub, validation
 
     other_vae = build_tiny_sdxl(tmp_path / "other", seed=1) / "vae"
     uploaded, validation_vaes = [], []
@@ -166,7 +166,7 @@ def test_push_uploads_no_cache_and_validation_uses_the_vae_of_the_latents(
         return [Image.new("RGB", (64, 64))]
 
     monkeypatch.setattr(hub, "push_to_hub", dry_push)
-    monkeypatch.setattr(train_sdxl_ztsnr, "sample_images", record_sampling)
+    monkeypatch.setattr(validation, "sample_images", record_sampling)  # what the validation grid samples with
     out = tmp_path / "out"
     args = trainer_args(
         tiny_sdxl,
