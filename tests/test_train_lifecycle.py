@@ -96,7 +96,8 @@ def test_accumulation_runs_across_epoch_ends_and_reaches_the_last_step(
     )
     result = run(args)
     state = trained_state(sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1])
-    data = train_sdxl_ztsnr.load_training_data(args, train_sdxl_ztsnr.make_accelerator(args))
+    accelerator = train_sdxl_ztsnr.make_accelerator(args)
+    data = train_sdxl_ztsnr.load_training_data(args, accelerator, train_sdxl_ztsnr.base_model(args, accelerator))
     batches_per_epoch = train_sdxl_ztsnr.BucketBatchSampler(data.train_buckets, 2).batches_per_epoch
     assert batches_per_epoch % 5, "the test needs an epoch that is not a whole number of cycles"
     if expected_step is None:  # one epoch = ceil(batches / 5) updates, the last one crossing the epoch end
@@ -226,7 +227,8 @@ def test_held_out_rows_are_never_mirrors_of_trained_rows(tiny_sdxl, demo_data, t
     args = trainer_args(
         tiny_sdxl, tmp_path / "out", "--precomputed_dir", str(cache), "--validation_rows", "4"
     )
-    data = train_sdxl_ztsnr.load_training_data(args, train_sdxl_ztsnr.make_accelerator(args))
+    accelerator = train_sdxl_ztsnr.make_accelerator(args)
+    data = train_sdxl_ztsnr.load_training_data(args, accelerator, train_sdxl_ztsnr.base_model(args, accelerator))
     sources = data.dataset.with_format("arrow")["source"].to_pylist()
     held = {sources[i] for i in data.validation_ids}
     assert len(data.validation_ids) == 4 and len(held) == 2, "each held-out image brings its mirror"
