@@ -434,6 +434,8 @@ def main(args: argparse.Namespace) -> dict:
     if plan.finished_at(max_steps):
         return finish_only(args, accelerator, base, weights, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
+    timesteps = unet_options.timestep_sampling(args)
+    logger.info(timesteps.describe(len(alpha_bar)))
     attention = configure_attention(
         weights.unet, args.attention_backend, accelerator.device, compute_dtype(args)
     )
@@ -479,7 +481,7 @@ def main(args: argparse.Namespace) -> dict:
         for _ in range(accumulation):  # one optimizer update
             position, batch = next(stream)
             with accelerator.accumulate(unet), attention_context(attention):
-                # The loss in one place: ZTSNR noising, v target, MSE × MinSNR(guarded) × tag weight.
+                # The loss in one place: ZTSNR noising, v target, MSE × MinSNR(guarded) × tag weight (× importance).
                 loss, _ = training_loss(
                     unet,
                     batch,
@@ -487,6 +489,7 @@ def main(args: argparse.Namespace) -> dict:
                     weighting=args.loss_weighting,
                     snr_gamma=args.snr_gamma,
                     timestep_shift=data.timestep_shift(batch) if args.resolution_shift else 1.0,
+                    timestep_sampling=timesteps,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -33,14 +33,29 @@ def keyed_timesteps_and_noise(
     seeds: Sequence[int], shape: Sequence[int], num_train_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform timesteps (B,) int64 and Gaussian noise (B, *shape) fp32, each sample from its own seed, on the CPU."""
+    timesteps, noise, _ = keyed_timesteps_noise_and_uniform(seeds, shape, num_train_timesteps)
+    return timesteps, noise
+
+
+def keyed_timesteps_noise_and_uniform(
+    seeds: Sequence[int], shape: Sequence[int], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``keyed_timesteps_and_noise`` plus one uniform [0, 1) fp64 draw (B,) per sample, for a non-uniform
+    timestep draw by inverse CDF (sdxl_ztsnr.timestep_sampling).
+
+    The uniform comes from the sample's generator after its timestep and noise, so those two are exactly
+    what they were without it (a uniform run, its tests and its checkpoints are unchanged).
+    """
     timesteps = torch.empty(len(seeds), dtype=torch.long)
     noise = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    uniform = torch.empty(len(seeds), dtype=torch.float64)
     generator = torch.Generator()
     for index, seed in enumerate(seeds):
         generator.manual_seed(seed)
         timesteps[index] = torch.randint(0, num_train_timesteps, (1,), generator=generator)[0]
         noise[index] = torch.randn(tuple(shape), generator=generator)
-    return timesteps, noise
+        uniform[index] = torch.rand((), generator=generator, dtype=torch.float64)
+    return timesteps, noise, uniform
 
 
 def keyed_uniform(seeds: Sequence[int]) -> torch.Tensor:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_ztsnr.keyed_random import keyed_timesteps_and_noise
+from sdxl_ztsnr.keyed_random import keyed_timesteps_noise_and_uniform
 from sdxl_ztsnr.losses import PredictionType, noise_batch, weighted_loss
-from sdxl_ztsnr.schedule import LossWeighting, sample_timesteps, shift_timesteps
+from sdxl_ztsnr.schedule import LossWeighting, shift_timesteps
+from sdxl_ztsnr.timestep_sampling import TimestepSampling
 
 
 def unet_prediction(
@@ -52,6 +53,7 @@ def training_loss(
     prediction_type: PredictionType = "v_prediction",
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    timestep_sampling: TimestepSampling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise a batch, run the UNet, return (weighted scalar loss, per-sample MSE (B,)).
 
@@ -60,16 +62,33 @@ def training_loss(
     ``sdxl_ztsnr.keyed_random``): each sample's timestep and noise then come from its own seed, so the result
     does not depend on how a global batch is split across processes. Without seeds they are drawn from
     ``generator``. Either way on the CPU unless given, so a run is reproducible on any device.
+    ``timestep_sampling`` says which timesteps are drawn (default: uniform over [0, T), as always); with its
+    importance weighting the weights multiply the tag weights.
     """
     latents = batch["latents"]
     seeds = batch.get("noise_seeds")
+    timestep_sampling = timestep_sampling or TimestepSampling()
+    num_train_timesteps = len(alpha_bar)
+    sample_weights = batch.get("sample_weights")
+    drawn = None  # the unshifted draw, when this call draws the timesteps
     if seeds is not None and (timesteps is None or noise is None):
-        drawn_timesteps, drawn_noise = keyed_timesteps_and_noise(seeds, latents.shape[1:], len(alpha_bar))
-        if timesteps is None:
-            timesteps = shift_timesteps(drawn_timesteps, alpha_bar, timestep_shift)
+        drawn, drawn_noise, uniform = keyed_timesteps_noise_and_uniform(
+            seeds, latents.shape[1:], num_train_timesteps
+        )
+        if not timestep_sampling.is_default(num_train_timesteps):
+            drawn = timestep_sampling.from_uniform(uniform, num_train_timesteps)
         noise = drawn_noise if noise is None else noise
+    elif timesteps is None:
+        drawn = timestep_sampling.draw(len(latents), num_train_timesteps, generator)
     if timesteps is None:
-        timesteps = sample_timesteps(len(latents), alpha_bar, timestep_shift, generator)
+        # Draw, shift for resolution (σ → s·σ), then hold the bounds on the timestep that trains.
+        shifted = shift_timesteps(drawn, alpha_bar, timestep_shift)
+        timesteps = timestep_sampling.bounded(shifted, num_train_timesteps)
+        importance = timestep_sampling.importance_weights(drawn, num_train_timesteps)
+        if importance is not None:  # a per-sample weight like the tag weight: multiplied in weighted_loss
+            if sample_weights is not None:
+                importance = sample_weights * to_device_async(importance, sample_weights.device)
+            sample_weights = importance
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     # Drawn on the CPU (reproducible on any device), copied without a host sync so the host keeps queueing.
@@ -85,4 +104,4 @@ def training_loss(
         batch["pooled_prompt_embeds"],
         batch["time_ids"],
     )
-    return weighted_loss(prediction, noised, weighting, snr_gamma, batch.get("sample_weights"))
+    return weighted_loss(prediction, noised, weighting, snr_gamma, sample_weights)
