@@ -31,6 +31,7 @@ from sdxl_ztsnr.optimizers import (
     clear_nonfinite_mark,
     clip_and_check_gradients,
     fused_backward_clipping_note,
+    parse_optimizer_args,
 )
 from sdxl_ztsnr.run_config import parse_with_config_file, saved_options
 from sdxl_ztsnr.schedule import (
@@ -198,6 +199,7 @@ def make_optimizer(args: argparse.Namespace, weights: TrainedWeights, accelerato
         bf16_update=args.bf16_update if args.weights_dtype == "bf16" else None,
         max_grad_norm=max(args.max_grad_norm, 0.0),
         seed=args.seed,
+        optimizer_args=parse_optimizer_args(args.optimizer_args),
     )
 
 

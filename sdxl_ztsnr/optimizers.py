@@ -1,6 +1,7 @@
-"""Optimizers and the memory thrift around them: AdamW / 8-bit AdamW / Adafactor, bf16 weights updated with
-stochastic rounding or a compensation buffer, and the fused backward pass (each parameter stepped inside
-backward, so whole-model gradients never exist).
+"""Optimizers and the memory thrift around them: AdamW / 8-bit AdamW / Adafactor / Prodigy, any torch.optim or
+bitsandbytes optimizer by name (kohya's ``--optimizer_type`` spellings, ``--optimizer_args key=value``), bf16
+weights updated with stochastic rounding or a compensation buffer, and the fused backward pass (each parameter
+stepped inside backward, so whole-model gradients never exist).
 
 Memory per parameter of a full fine-tune (SDXL UNet: 2.567B parameters; 1 GiB = 2**30 bytes):
 
@@ -14,20 +15,28 @@ call "fused backward pass"). Both are plain PyTorch: ``Tensor.register_post_accu
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from sdxl_ztsnr.optional_packages import import_bitsandbytes
+from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.optional_packages import import_bitsandbytes, installed
 
 logger = logging.getLogger(__name__)
 
-OptimizerName = Literal["adamw", "adamw8bit", "adafactor"]
+# Named here (any case, as kohya spells them: AdamW8bit, Prodigy): the --adam_* flags apply to the AdamW pair
+# (and --adam_weight_decay to Adafactor). Every other name — a torch.optim class (SGD, RAdam), a bitsandbytes one
+# (Lion8bit, PagedAdamW8bit) or a dotted path (torch.optim.SGD, bitsandbytes.optim.Lion8bit, prodigyopt.Prodigy)
+# — takes --learning_rate and --optimizer_args only, its own defaults otherwise (kohya's rule).
+BUILTIN_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+OptimizerName = str
 Bf16Update = Literal["stochastic", "kahan"]
 MakeOptimizer = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -145,6 +154,107 @@ def clip_and_check_gradients(
     return mark_nonfinite_step(optimizer, norm, scaler_skips)
 
 
+def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:
+    """kohya's ``--optimizer_args``: ``key=value`` items, each value a Python literal (``0.01``, ``3``, ``True``,
+    ``None``, ``'text'``); ``true``/``false``/``none`` in any case too; a comma makes a tuple (``betas=0.9,0.99``);
+    anything else stays a string."""
+
+    def literal(text: str) -> Any:
+        lowered = text.strip().lower()
+        if lowered in ("true", "false", "none"):
+            return {"true": True, "false": False, "none": None}[lowered]
+        try:
+            return ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            return text.strip()
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserError(
+                f"--optimizer_args {item!r}: give key=value items, e.g. --optimizer_args weight_decay=0.01 "
+                "betas=0.9,0.99 decouple=True"
+            )
+        parsed[key.strip()] = tuple(literal(v) for v in value.split(",")) if "," in value else literal(value)
+    return parsed
+
+
+def _torch_optimizers() -> dict[str, type]:
+    return {
+        name.lower(): cls
+        for name, cls in vars(torch.optim).items()
+        if isinstance(cls, type)
+        and issubclass(cls, torch.optim.Optimizer)
+        and cls is not torch.optim.Optimizer
+    }
+
+
+def _import_module(module: str, name: str):
+    if module.split(".")[0] == "bitsandbytes":
+        import_bitsandbytes(f"--optimizer {name}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(
+            f"--optimizer {name} needs {module.split('.')[0]}, which is not installed: pip install "
+            f"{module.split('.')[0]}"
+        ) from error
+
+
+def optimizer_class(name: str) -> type:
+    """The optimizer class a name means (not a built-in): ``module.Class``, a torch.optim class in any case, or
+    a bitsandbytes class in any case (imported only then); a UserError naming the fix otherwise."""
+    if "." in name:
+        module_name, _, class_name = name.rpartition(".")
+        cls = getattr(_import_module(module_name, name), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise UserError(f"--optimizer {name}: {module_name} has no optimizer class {class_name}")
+        return cls
+    found = _torch_optimizers().get(name.lower())
+    if found is not None:
+        return found
+    if installed("bitsandbytes"):
+        bnb = import_bitsandbytes(f"--optimizer {name}")
+        for attribute in dir(bnb.optim):
+            cls = getattr(bnb.optim, attribute)
+            if (
+                attribute.lower() == name.lower()
+                and isinstance(cls, type)
+                and issubclass(cls, torch.optim.Optimizer)
+            ):
+                return cls
+    raise UserError(
+        f"--optimizer {name}: not one of {', '.join(BUILTIN_OPTIMIZERS)}, a torch.optim class (SGD, RAdam, ...), "
+        "a bitsandbytes one (Lion8bit, PagedAdamW8bit, ...; pip install bitsandbytes) or a module.Class path"
+    )
+
+
+def check_optimizer_name(name: str) -> None:
+    """Resolve ``name`` now (at parse time), so a typo or a missing package stops the run before any work."""
+    if name.lower() == "prodigy":
+        _import_module("prodigyopt", name)
+    elif name.lower() == "adamw8bit":
+        import_bitsandbytes(f"--optimizer {name}")
+    elif name.lower() not in BUILTIN_OPTIMIZERS:
+        optimizer_class(name)
+
+
+# Optimizers that couple parameters: one step size estimated from all of them (Prodigy, D-Adaptation), or a
+# closure over the whole model (L-BFGS). Stepped one parameter at a time they would become other algorithms.
+_COUPLED = ("prodigy", "dadapt", "lbfgs")
+
+
+def check_per_parameter_optimizer(name: str, option: str, fix: str) -> None:
+    """Refuse an optimizer that cannot be stepped one parameter at a time (``option`` asks for that)."""
+    if name.lower().rpartition(".")[2].startswith(_COUPLED):
+        raise UserError(
+            f"--optimizer {name} with {option}: it estimates one step size from all parameters together, and "
+            f"{option} steps one parameter at a time, which would give each tensor its own; {fix}, or use "
+            "adamw, adafactor or an 8-bit optimizer"
+        )
+
+
 def build_optimizer(
     params,
     name: OptimizerName,
@@ -153,34 +263,48 @@ def build_optimizer(
     weight_decay: float = 1e-2,
     eps: float = 1e-8,
     device_type: str = "cpu",
+    optimizer_args: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (fused where torch has a kernel: one launch per step, and it can skip a step on device),
-    bitsandbytes' 8-bit AdamW, or transformers' Adafactor with a fixed learning rate.
+    bitsandbytes' 8-bit AdamW, transformers' Adafactor with a fixed learning rate, Prodigy, or any optimizer
+    class by name (``optimizer_class``); ``optimizer_args`` (kohya's --optimizer_args) override or add keywords.
 
     Adafactor is set up as SDXL fine-tunes use it (kohya's sd-scripts docs and its fused-backward PR):
     ``scale_parameter=False, relative_step=False, warmup_init=False`` and the given lr, no first moment;
     ``betas`` and ``eps`` are AdamW's and do not apply to it. ``weight_decay`` is decoupled in both.
+    Prodigy (Mishchenko & Defazio 2023) and every other named optimizer get ``lr`` and ``optimizer_args`` only.
     """
-    if name == "adamw8bit":
-        bnb = import_bitsandbytes()
-        return bnb.optim.AdamW8bit(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    if name == "adafactor":
+    extra = dict(optimizer_args or {})
+    key = name.lower()
+    if key == "adamw8bit":
+        bnb = import_bitsandbytes(f"--optimizer {name}")
+        settings = {"lr": learning_rate, "betas": betas, "weight_decay": weight_decay, "eps": eps}
+        return bnb.optim.AdamW8bit(params, **{**settings, **extra})
+    if key == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(
-            params,
-            lr=learning_rate,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=weight_decay,
-        )
-    if name != "adamw":
-        raise ValueError(f"--optimizer {name!r}: choose adamw, adamw8bit or adafactor")
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused
-    )
+        settings = {
+            "lr": learning_rate,
+            "scale_parameter": False,
+            "relative_step": False,
+            "warmup_init": False,
+            "weight_decay": weight_decay,
+        }
+        return Adafactor(params, **{**settings, **extra})
+    if key == "adamw":
+        settings = {
+            "lr": learning_rate,
+            "betas": betas,
+            "weight_decay": weight_decay,
+            "eps": eps,
+            "fused": device_type in ("cuda", "cpu"),
+        }
+        return torch.optim.AdamW(params, **{**settings, **extra})
+    cls = _import_module("prodigyopt", name).Prodigy if key == "prodigy" else optimizer_class(name)
+    try:
+        return cls(params, **{"lr": learning_rate, **extra})
+    except TypeError as error:  # an --optimizer_args key the class does not take
+        raise UserError(f"--optimizer {name} --optimizer_args: {error}") from error
 
 
 # --- bf16 weights: the update is computed in fp32, then written back without losing small steps ----------
@@ -507,9 +631,11 @@ def build_training_optimizer(
     bf16_update: Bf16Update | None = None,
     max_grad_norm: float = 0.0,
     seed: int = 0,
+    optimizer_args: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer a run asks for: plain, per-parameter (bf16 weights with ``bf16_update``) or fused into
-    backward (call ``.attach()`` on it after ``accelerator.prepare``).
+    backward (call ``.attach()`` on it after ``accelerate.prepare``). Optimizers that couple parameters
+    (Prodigy, D-Adaptation, L-BFGS) are refused for the per-parameter forms.
     """
     params = [p for p in params if p.requires_grad]
     make = functools.partial(
@@ -520,9 +646,18 @@ def build_training_optimizer(
         weight_decay=weight_decay,
         eps=eps,
         device_type=device_type,
+        optimizer_args=optimizer_args,
     )
     if fused_backward:
+        check_per_parameter_optimizer(name, "--fused_backward_pass", "drop --fused_backward_pass")
         return FusedBackward(params, make, max_grad_norm or None, bf16_update, seed)
     if bf16_update is not None and any(p.dtype == torch.bfloat16 for p in params):
+        check_per_parameter_optimizer(name, "--weights_dtype bf16", "train with --weights_dtype fp32")
         return PerParameterOptimizer(params, make, None, bf16_update, seed)
+    if name.lower() in ("prodigy", "prodigyopt.prodigy") and learning_rate < 0.1:
+        logger.warning(
+            "--optimizer %s finds its own step size; --learning_rate (%g) scales it and is usually 1.0",
+            name,
+            learning_rate,
+        )
     return make(params)

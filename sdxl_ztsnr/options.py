@@ -130,9 +130,21 @@ def add_optimizer_options(
     if trainer:
         optim.add_argument(
             "--optimizer",
-            choices=["adamw", "adamw8bit", "adafactor"],
+            "--optimizer_type",
             default="adamw",
-            help="adamw (fused torch kernel), adamw8bit (bitsandbytes), adafactor (factored second moments)",
+            help="adamw (fused torch kernel), adamw8bit (bitsandbytes), adafactor (factored second moments), "
+            "prodigy (prodigyopt; --learning_rate 1.0), or any torch.optim / bitsandbytes class by name in any "
+            "case (SGD, RAdam, Lion8bit, PagedAdamW8bit) or path (torch.optim.SGD, bitsandbytes.optim.Lion8bit). "
+            "The --adam_* flags apply to adamw and adamw8bit (weight decay also to adafactor); other optimizers "
+            "take --learning_rate and --optimizer_args",
+        )
+        optim.add_argument(
+            "--optimizer_args",
+            nargs="*",
+            default=[],
+            metavar="KEY=VALUE",
+            help="keyword arguments of the optimizer as Python literals (kohya's), e.g. weight_decay=0.01 "
+            "betas=0.9,0.99 decouple=True d_coef=2",
         )
         optim.add_argument("--use_8bit_adam", action="store_true", help="alias of --optimizer adamw8bit")
         optim.add_argument(

@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.optimizers import check_optimizer_name, check_per_parameter_optimizer, parse_optimizer_args
 from sdxl_ztsnr.options import add_ema_options, resolve_aliases
 from sdxl_ztsnr.schedule import NUM_TRAIN_TIMESTEPS
 from sdxl_ztsnr.timestep_sampling import TIMESTEP_MODES, TimestepSampling
@@ -259,5 +260,15 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--export_ema and --validate_ema need --use_ema")
     try:
         timestep_sampling(args).check(NUM_TRAIN_TIMESTEPS)
+        parse_optimizer_args(args.optimizer_args)
+        check_optimizer_name(args.optimizer)
+        if args.fused_backward_pass:
+            check_per_parameter_optimizer(
+                args.optimizer, "--fused_backward_pass", "drop --fused_backward_pass"
+            )
+        if args.weights_dtype == "bf16":
+            check_per_parameter_optimizer(
+                args.optimizer, "--weights_dtype bf16", "train with --weights_dtype fp32"
+            )
     except UserError as error:
         parser.error(str(error))

@@ -10,19 +10,27 @@ import json
 import pytest
 import torch
 
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.optimizers import (
     FusedBackward,
     PerParameterOptimizer,
     build_optimizer,
     build_training_optimizer,
     check_fused_backward,
+    check_optimizer_name,
+    check_per_parameter_optimizer,
     compensated_value,
     fused_backward_clipping_note,
     global_grad_norm,
     kahan_update_,
+    optimizer_class,
+    parse_optimizer_args,
     stochastic_round_,
 )
 from sdxl_ztsnr.optional_packages import installed
+
+needs_bitsandbytes = pytest.mark.skipif(not installed("bitsandbytes"), reason="bitsandbytes is not installed")
+needs_prodigy = pytest.mark.skipif(not installed("prodigyopt"), reason="prodigyopt is not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +97,9 @@ def test_adafactor_is_set_up_with_a_fixed_learning_rate():
 
 
 def test_unknown_optimizer_is_refused():
-    with pytest.raises(ValueError, match="adafactor"):
-        build_optimizer(small_model().parameters(), "sgd", 1e-3)
+    with pytest.raises(UserError, match="adafactor") as error:
+        build_optimizer(small_model().parameters(), "nosuchoptimizer", 1e-3)
+    assert "\n" not in str(error.value)
 
 
 # --- bf16 rounding --------------------------------------------------------------------------------------
@@ -402,3 +411,234 @@ def test_global_grad_norm_is_not_finite_when_one_gradient_is_not(where, bad):
         parameter.grad = torch.ones_like(parameter)
     parameters[where].grad[3] = bad
     assert not torch.isfinite(global_grad_norm(parameters))
+
+
+# --- any optimizer by name, --optimizer_args, Prodigy -----------------------------------------------------
+
+
+def test_optimizer_args_are_python_literals():
+    parsed = parse_optimizer_args(
+        ["weight_decay=0.01", "d_coef=2", "decouple=True", "safeguard_warmup=false", "betas=0.9,0.99"]
+        + ["beta3=None", "mode=cosine", "eps='1e-8'"]
+    )
+    assert parsed == {
+        "weight_decay": 0.01,
+        "d_coef": 2,
+        "decouple": True,
+        "safeguard_warmup": False,
+        "betas": (0.9, 0.99),
+        "beta3": None,
+        "mode": "cosine",
+        "eps": "1e-8",
+    }
+    assert type(parsed["d_coef"]) is int and type(parsed["weight_decay"]) is float
+    with pytest.raises(UserError, match="key=value"):
+        parse_optimizer_args(["weight_decay"])
+    with pytest.raises(UserError, match="key=value"):
+        parse_optimizer_args(["=3"])
+
+
+@pytest.mark.parametrize("name", ["SGD", "sgd", "torch.optim.SGD"])
+def test_torch_optimizers_by_name_take_lr_and_optimizer_args(name):
+    optimizer = build_optimizer(
+        small_model().parameters(), name, 0.05, optimizer_args={"momentum": 0.9, "nesterov": True}
+    )
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.05 and group["momentum"] == 0.9 and group["nesterov"]
+    assert group["weight_decay"] == 0  # SGD's own default: --adam_weight_decay is AdamW's, not SGD's
+
+
+def test_kohya_spellings_of_the_built_ins_keep_their_settings():
+    optimizer = build_optimizer(small_model().parameters(), "AdamW", 1e-3, betas=(0.8, 0.9), weight_decay=0.1)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
+    assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["weight_decay"] == 0.1
+    # --optimizer_args override the flags' values
+    optimizer = build_optimizer(
+        small_model().parameters(), "adamw", 1e-3, optimizer_args={"betas": (0.9, 0.99)}
+    )
+    assert optimizer.defaults["betas"] == (0.9, 0.99)
+    adafactor = build_optimizer(small_model().parameters(), "Adafactor", 1e-4, optimizer_args={"beta1": 0.9})
+    assert adafactor.defaults["beta1"] == 0.9 and not adafactor.defaults["relative_step"]
+
+
+def test_an_argument_the_class_does_not_take_is_one_line():
+    with pytest.raises(UserError, match="--optimizer_args.*betas") as error:
+        build_optimizer(small_model().parameters(), "SGD", 1e-3, optimizer_args={"betas": (0.9, 0.99)})
+    assert "\n" not in str(error.value)
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit", "bitsandbytes.optim.Lion8bit", "PagedAdamW8bit"])
+def test_bitsandbytes_optimizers_by_name(name):
+    model = small_model()
+    optimizer = build_optimizer(model.parameters(), name, 1e-3, optimizer_args={"betas": (0.9, 0.99)})
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    assert type(optimizer).__name__.lower() == name.rpartition(".")[2].lower()
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+def test_a_missing_package_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    import sdxl_ztsnr.optimizers as optimizers
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what `import prodigyopt` sees when it is missing
+    with pytest.raises(UserError, match="pip install prodigyopt") as error:
+        check_optimizer_name("Prodigy")
+    assert "\n" not in str(error.value)
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)
+    with pytest.raises(UserError, match="pip install lion_pytorch"):
+        optimizer_class("lion_pytorch.Lion")
+    monkeypatch.setattr(optimizers, "installed", lambda name: False)
+    with pytest.raises(UserError, match="pip install bitsandbytes"):
+        optimizer_class("Lion8bit")
+
+
+def test_bitsandbytes_is_not_imported_for_a_torch_optimizer():
+    """The trainer parses and builds --optimizer SGD without importing bitsandbytes (its import is slow and
+    looks up kernels on the Hub)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch, train_sdxl_ztsnr\n"
+        "from sdxl_ztsnr.optimizers import build_training_optimizer, check_optimizer_name\n"
+        "check_optimizer_name('SGD'); check_optimizer_name('adamw')\n"
+        "build_training_optimizer(torch.nn.Linear(2, 2).parameters(), 'SGD', 0.1)\n"
+        "print(sys.modules.get('bitsandbytes', 'absent'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] in ("None", "absent")
+
+
+def test_an_optimizer_with_one_step_size_for_all_parameters_is_refused_per_parameter():
+    for name in ("Prodigy", "prodigyopt.Prodigy", "dadaptation.DAdaptAdam", "LBFGS"):
+        with pytest.raises(UserError, match="one step size from all parameters"):
+            check_per_parameter_optimizer(name, "--fused_backward_pass", "drop --fused_backward_pass")
+    check_per_parameter_optimizer("SGD", "--fused_backward_pass", "drop it")
+    check_per_parameter_optimizer("Lion8bit", "--fused_backward_pass", "drop it")
+
+
+@pytest.mark.parametrize("name", ["SGD", "RAdam"])
+def test_a_torch_optimizer_by_name_works_with_the_fused_backward_pass(name):
+    reference, fused_model = small_model(), small_model()
+    data = batches(4)
+    make_named = functools.partial(
+        build_optimizer, name=name, learning_rate=1e-2, optimizer_args={"weight_decay": 0.01}
+    )
+    train(reference, make_named(reference.parameters()), data)
+    train(
+        fused_model,
+        build_training_optimizer(
+            fused_model.parameters(), name, 1e-2, fused_backward=True, optimizer_args={"weight_decay": 0.01}
+        ).attach(),
+        data,
+    )
+    assert_same_weights(reference, fused_model, atol=1e-6)
+    assert not torch.equal(reference[0].weight, small_model()[0].weight)
+
+
+@needs_prodigy
+def test_prodigy_is_refused_with_the_fused_backward_pass_and_bf16_weights():
+    with pytest.raises(UserError, match="drop --fused_backward_pass"):
+        build_training_optimizer(small_model().parameters(), "prodigy", 1.0, fused_backward=True)
+    with pytest.raises(UserError, match="--weights_dtype fp32"):
+        build_training_optimizer(
+            small_model(dtype=torch.bfloat16).parameters(), "Prodigy", 1.0, bf16_update="stochastic"
+        )
+
+
+@needs_prodigy
+def test_prodigy_trains_and_its_state_round_trips_exactly():
+    """Prodigy's step-size estimate d lives in its param groups, its moments in the state: both must survive
+    a checkpoint for a resumed run to continue the unbroken one."""
+    import io
+
+    import prodigyopt
+
+    args = parse_optimizer_args(
+        ["decouple=True", "weight_decay=0.01", "betas=0.9,0.99", "d0=1e-4", "d_coef=2"]
+    )
+    data = batches(10)
+    model = small_model()
+    optimizer = build_training_optimizer(model.parameters(), "Prodigy", 1.0, optimizer_args=args)
+    assert type(optimizer) is prodigyopt.Prodigy and optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    d0 = optimizer.param_groups[0]["d"]
+    train(model, optimizer, data[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    train(model, optimizer, data[4:])
+    assert optimizer.param_groups[0]["d"] > d0  # it adapted its step size after the checkpoint
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = small_model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer = build_training_optimizer(resumed.parameters(), "Prodigy", 1.0, optimizer_args=args)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    train(resumed, resumed_optimizer, data[4:])
+    assert_same_weights(model, resumed, atol=0.0)
+    assert resumed_optimizer.param_groups[0]["d"] == optimizer.param_groups[0]["d"]
+
+
+@needs_prodigy
+def test_prodigy_resumes_from_accelerates_save_state(tmp_path):
+    """The trainer's path: accelerate.prepare, save_state mid-run, load_state in a new process state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(resume_from=None, save_to=None):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        model = small_model()
+        optimizer = build_training_optimizer(model.parameters(), "prodigy", 1.0, optimizer_args={"d_coef": 2})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        data = batches(4)
+        if resume_from:
+            accelerator.load_state(resume_from)
+            data = data[2:]
+        for index, batch in enumerate(data):
+            train(model, optimizer, [batch])
+            scheduler.step()
+            if save_to and index == 1:
+                accelerator.save_state(save_to)
+        return model, optimizer
+
+    unbroken, optimizer = run(save_to=tmp_path / "state")
+    resumed, resumed_optimizer = run(resume_from=tmp_path / "state")
+    assert_same_weights(unbroken, resumed, atol=0.0)
+    assert resumed_optimizer.param_groups[0]["d"] == optimizer.param_groups[0]["d"]
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1.0 / 5)
+
+
+def test_the_trainer_parses_kohyas_optimizer_flags(tiny_sdxl, trainer_args, tmp_path, capsys):
+    args = trainer_args(
+        tiny_sdxl, tmp_path, "--precomputed_dir", "x", "--optimizer_type", "SGD", "--optimizer_args",
+        "momentum=0.9", "nesterov=True",
+    )  # fmt: skip
+    assert args.optimizer == "SGD" and parse_optimizer_args(args.optimizer_args) == {
+        "momentum": 0.9,
+        "nesterov": True,
+    }
+    with pytest.raises(SystemExit):
+        trainer_args(tiny_sdxl, tmp_path, "--precomputed_dir", "x", "--optimizer", "AdamWW")
+    assert "--optimizer AdamWW: not one of" in capsys.readouterr().err
+    if installed("prodigyopt"):
+        with pytest.raises(SystemExit):
+            trainer_args(
+                tiny_sdxl,
+                tmp_path,
+                "--precomputed_dir",
+                "x",
+                "--optimizer",
+                "prodigy",
+                "--fused_backward_pass",
+            )
+        assert "one step size from all parameters" in capsys.readouterr().err
