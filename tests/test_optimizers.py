@@ -642,3 +642,18 @@ def test_the_trainer_parses_kohyas_optimizer_flags(tiny_sdxl, trainer_args, tmp_
                 "--fused_backward_pass",
             )
         assert "one step size from all parameters" in capsys.readouterr().err
+
+
+def test_kohyas_toml_form_of_the_optimizer_flags_reads(tmp_path):
+    import train_sdxl_ztsnr
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'pretrained_model_name_or_path = "x"\nprecomputed_dir = "cache"\n[optimizer_arguments]\n'
+        'optimizer_type = "SGD"\noptimizer_args = ["momentum=0.9", "nesterov=True"]\n'
+    )
+    args = train_sdxl_ztsnr.parse_args(["--config_file", str(config)])
+    assert args.optimizer == "SGD" and parse_optimizer_args(args.optimizer_args) == {
+        "momentum": 0.9,
+        "nesterov": True,
+    }

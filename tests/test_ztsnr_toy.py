@@ -71,3 +71,31 @@ def test_smoke_run_prints_a_table_and_writes_the_figure(toy, tmp_path, capsys):
 def test_rejects_unknown_arms(toy):
     with pytest.raises(SystemExit):
         toy.parse_args(["--arms", "bz"])
+
+
+def test_conversion_smoke_run_converts_the_epsilon_base_per_timestep_distribution(toy, tmp_path, capsys):
+    figure = tmp_path / "conversion.png"
+    result = toy.main(["--smoke", "--conversion", "--conversions", "u,h2", "--figure", str(figure)])
+    out = capsys.readouterr().out
+    assert [r["conversion"] for r in result["conversions"]] == ["u", "h2"]
+    assert result["checkpoints"] == [1, 2]
+    for r in result["conversions"]:
+        assert set(r["at"]) == {"1", "2"} and math.isfinite(r["at"]["2"]["black_error"])
+    assert result["conversions"][1]["terminal_probability"] == pytest.approx(0.1, rel=1e-6)  # (1/1000)^(1/3)
+    assert "| u: uniform | 0.1% |" in out and "| h2: high_noise, bias 2 | 10% |" in out
+    assert figure.stat().st_size > 10_000
+
+
+def test_uniform_arms_draw_the_timesteps_they_always_drew(toy):
+    # train_arm now draws through TimestepSampling; its default must be sample_timesteps' draw, so the
+    # published arm tables stay reproducible.
+    from sdxl_ztsnr.schedule import sample_timesteps
+    from sdxl_ztsnr.timestep_sampling import TimestepSampling
+
+    expected = sample_timesteps(32, alphas_cumprod(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(TimestepSampling().draw(32, 1000, torch.Generator().manual_seed(1)), expected)
+
+
+def test_rejects_unknown_conversions(toy):
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--conversion", "--conversions", "u,zz"])
