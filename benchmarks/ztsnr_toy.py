@@ -11,6 +11,12 @@ drifts to the mean of its starting noise (medium brightness) on "solid black" / 
 ZTSNR does not. Results and discussion: docs/ztsnr_toy.md.
 
     python benchmarks/ztsnr_toy.py --seed 0 --figure docs/ztsnr_toy.png
+
+``--conversion`` measures something else on the same toy: an ε base (arm a) converted to v-pred ZTSNR (arm c's
+settings) with each training timestep distribution (sdxl_ztsnr.timestep_sampling), and the error on "solid
+black" after the same number of conversion steps:
+
+    python benchmarks/ztsnr_toy.py --conversion --seed 0 --figure docs/ztsnr_toy_conversion.png
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import math
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +42,8 @@ from sdxl_ztsnr.schedule import (
     alphas_cumprod,
     ddim_step,
     inference_timesteps,
-    sample_timesteps,
 )
+from sdxl_ztsnr.timestep_sampling import TimestepSampling
 
 # ---------------------------------------------------------------------------------------------------------
 # Synthetic "latent images". Real SDXL latents (scaled by 0.13025) of solid black / white images sit at
@@ -271,9 +278,20 @@ def train_arm(
     seed: int,
     encoder: CaptionEncoder,
     unnamed_fraction: float = 0.5,
+    timestep_sampling: TimestepSampling | None = None,
+    init_state: dict | None = None,
+    constant_lr: bool = False,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
-    """Train one arm; data, noise, timesteps and initial weights depend only on ``seed``."""
+    """Train one arm; data, noise, timesteps and initial weights depend only on ``seed``.
+
+    ``init_state`` starts from trained weights (a conversion); ``constant_lr`` keeps the peak lr after the
+    warm-up; ``on_step(step, model)`` is called after each update (evaluations mid-run).
+    """
     model = tiny_unet(latent_size, seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    sampling = timestep_sampling or TimestepSampling()  # uniform: the draw sample_timesteps makes
     # Fused: one kernel per parameter instead of ~8 small ops, each a thread-pool round trip on CPU.
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, fused=True)
 
@@ -281,6 +299,8 @@ def train_arm(
         # Linear warmup, then cosine decay to 10%: lets every arm settle by the last step.
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if constant_lr:
+            return 1.0
         progress = (step - warmup_steps) / max(1, steps - warmup_steps)
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
@@ -291,23 +311,30 @@ def train_arm(
     ids = time_ids(batch_size, latent_size)
     losses = []
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         prompts, brightness = training_batch(batch_size, unnamed_fraction, data_rng)
         latents = make_latents(prompts, latent_size, data_rng, brightness)
         hidden, pooled = encoder(prompts)
         noise = torch.randn(latents.shape, generator=noise_rng)
-        timesteps = sample_timesteps(batch_size, alpha_bar, generator=noise_rng)
+        timesteps = sampling.draw(batch_size, len(alpha_bar), noise_rng)
         batch = noise_batch(latents, noise, timesteps, alpha_bar, arm.prediction_type)
         prediction = model(
             batch.noisy_latents, timesteps, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}
         ).sample
-        loss, _ = weighted_loss(prediction, batch, arm.weighting)
+        loss, _ = weighted_loss(
+            prediction,
+            batch,
+            arm.weighting,
+            sample_weights=sampling.importance_weights(timesteps, len(alpha_bar)),
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, model)
     model.eval()
     return model, losses
 
@@ -501,6 +528,148 @@ def plot_figure(path: Path, summaries: list[dict], per_prompt: dict[str, list[di
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ε → v-prediction ZTSNR: an ε base (arm a) converted, the training timestep distribution the only difference.
+
+
+@dataclass(frozen=True)
+class Conversion:
+    name: str
+    label: str
+    sampling: TimestepSampling
+
+
+CONVERSIONS = {
+    c.name: c
+    for c in (
+        Conversion("u", "uniform", TimestepSampling()),
+        Conversion("h1", "high_noise, bias 1", TimestepSampling("high_noise", high_noise_bias=1.0)),
+        Conversion("h2", "high_noise, bias 2", TimestepSampling("high_noise", high_noise_bias=2.0)),
+        Conversion(
+            "h1w",
+            "high_noise, bias 1, importance-weighted",
+            TimestepSampling("high_noise", high_noise_bias=1.0, importance_weighting=True),
+        ),
+        Conversion("ln", "logit_normal (0, 1)", TimestepSampling("logit_normal")),
+    )
+}
+
+
+def run_conversions(args: argparse.Namespace, encoder: CaptionEncoder) -> dict:
+    """Train the ε base, then convert a copy of it per timestep distribution; evaluate at each checkpoint."""
+    base_arm, target = ARMS["a"], ARMS["c"]
+    started = time.perf_counter()
+    base, _ = train_arm(
+        base_arm, args.steps, args.batch_size, args.latent_size, args.learning_rate, args.warmup_steps,
+        args.seed, encoder, args.unnamed_fraction,
+    )  # fmt: skip
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    prompts = [Prompt(*p) for p in EVAL_PROMPTS]
+    repeated = [p for p in prompts for _ in range(args.num_samples)]
+
+    def measure(model: torch.nn.Module, arm: Arm) -> dict:
+        model.eval()
+        rows = evaluate(
+            sample(model, arm, repeated, args.sample_steps, args.latent_size, args.seed, encoder),
+            prompts,
+            args.num_samples,
+        )
+        model.train()
+        return summarize(arm, rows, math.nan, 0.0)
+
+    base_summary = measure(base, base_arm)
+    print(
+        f"ε base ({args.steps} steps, {time.perf_counter() - started:.0f} s): solid black error "
+        f"{base_summary['black_error']:.3f} (brightness {base_summary['black_brightness']:+.2f})",
+        flush=True,
+    )
+    checkpoints = sorted(args.conversion_steps)
+    results = []
+    for name in args.conversions:
+        conversion = CONVERSIONS[name]
+        at: dict[int, dict] = {}
+        started = time.perf_counter()
+
+        def on_step(step: int, model: torch.nn.Module, at=at) -> None:
+            if step in checkpoints:
+                at[step] = measure(model, target)
+
+        _, losses = train_arm(
+            target, checkpoints[-1], args.batch_size, args.latent_size, args.conversion_lr, args.warmup_steps,
+            args.seed + 7, encoder, args.unnamed_fraction, conversion.sampling, base_state, True, on_step,
+        )  # fmt: skip
+        terminal = conversion.sampling.probabilities(len(target.alpha_bar()))[-1].item()
+        results.append(
+            {
+                "conversion": name,
+                "label": conversion.label,
+                "terminal_probability": terminal,
+                "at": {str(k): v for k, v in at.items()},
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        last = at[checkpoints[-1]]
+        print(
+            f"{name} ({conversion.label}): {results[-1]['seconds']:.0f} s, black error "
+            + ", ".join(f"{at[k]['black_error']:.3f}@{k}" for k in checkpoints)
+            + f"; all prompts {last['mae']:.3f}@{checkpoints[-1]}",
+            flush=True,
+        )
+    return {"base": base_summary, "conversions": results, "checkpoints": checkpoints}
+
+
+def format_conversion_table(result: dict) -> str:
+    """One row per timestep distribution: solid black error (brightness) at each checkpoint, then the rest."""
+    checkpoints, last = result["checkpoints"], str(result["checkpoints"][-1])
+    lines = [
+        "| timestep sampling | P(t = 999) | "
+        + " | ".join(f"solid black after {k} steps" for k in checkpoints)
+        + f" | solid white after {last} | all prompts after {last} |",
+        "|---|---|" + "---|" * (len(checkpoints) + 2),
+    ]
+    for r in result["conversions"]:
+        cells = [
+            f"{r['at'][str(k)]['black_error']:.3f} ({r['at'][str(k)]['black_brightness']:+.2f})"
+            for k in checkpoints
+        ]
+        end = r["at"][last]
+        lines.append(
+            f"| {r['conversion']}: {r['label']} | {100 * r['terminal_probability']:.2g}% | "
+            + " | ".join(cells)
+            + f" | {end['white_error']:.3f} ({end['white_brightness']:+.2f}) | {end['mae']:.3f} |"
+        )
+    base = result["base"]
+    lines.append(
+        f"\nε base before conversion (sampled as ε on SDXL's schedule): solid black {base['black_error']:.3f} "
+        f"({base['black_brightness']:+.2f}), solid white {base['white_error']:.3f} "
+        f"({base['white_brightness']:+.2f}), all prompts {base['mae']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def plot_conversions(path: Path, result: dict) -> None:
+    """Solid-black error against conversion steps, one line per timestep distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_black, ax_all) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r, marker in zip(result["conversions"], "osD^vx", strict=False):
+        steps = result["checkpoints"]
+        for ax, key in ((ax_black, "black_error"), (ax_all, "mae")):
+            ax.plot(steps, [r["at"][str(k)][key] for k in steps], marker=marker, label=r["label"])
+    for ax, title in ((ax_black, "solid black"), (ax_all, "all prompts")):
+        ax.set(xlabel="conversion steps", ylabel="|generated − requested| latent mean", title=title)
+        ax.grid(alpha=0.3)
+    ax_black.legend(fontsize=8)
+    fig.suptitle("ε base → v-pred ZTSNR: error after the same steps, by training timestep distribution")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="training steps per arm")
@@ -533,12 +702,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out_dir", type=Path, default=None, help="write results.json (options + numbers) here"
     )
     parser.add_argument("--smoke", action="store_true", help="3 steps on 8x8 latents: a plumbing check")
+    conversion = parser.add_argument_group("ε → v-pred ZTSNR conversion (instead of the arms)")
+    conversion.add_argument(
+        "--conversion",
+        action="store_true",
+        help="train arm a's ε base (--steps), then convert a copy to v-pred ZTSNR (arm c's settings) per "
+        "timestep distribution",
+    )
+    conversion.add_argument(
+        "--conversions", default="u,h1,h2,h1w,ln", help=f"comma-separated subset of {','.join(CONVERSIONS)}"
+    )
+    conversion.add_argument(
+        "--conversion_steps",
+        default="25,75,150",
+        help="evaluate after these conversion steps (the last: length)",
+    )
+    conversion.add_argument(
+        "--conversion_lr", type=float, default=5e-4, help="constant after the warm-up (a fine-tune)"
+    )
     args = parser.parse_args(argv)
+    args.conversions = [c for c in args.conversions.split(",") if c]
+    if not args.conversions or set(args.conversions) - set(CONVERSIONS):
+        parser.error(f"--conversions {','.join(args.conversions)}: use names from {','.join(CONVERSIONS)}")
+    try:
+        args.conversion_steps = sorted({int(k) for k in args.conversion_steps.split(",")})
+    except ValueError:
+        parser.error(
+            f"--conversion_steps {args.conversion_steps!r}: comma-separated step counts, e.g. 25,75,150"
+        )
+    if args.conversion_steps[0] < 1:
+        parser.error("--conversion_steps must be positive")
     if not args.arms or set(args.arms) - set(ARMS):
         parser.error(f"--arms {args.arms!r}: use letters from {''.join(ARMS)}, e.g. --arms bc")
     if args.smoke:
         args.steps, args.warmup_steps, args.batch_size, args.latent_size = 3, 1, 4, 8
         args.num_samples, args.sample_steps = 2, 2
+        args.conversion_steps = [1, 2]
     if args.num_samples < 2:
         parser.error("--num_samples must be at least 2 (the spread is a std over samples)")
     if args.latent_size % 4:
@@ -578,6 +777,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     encoder = CaptionEncoder.seeded(TOKEN_DIM, POOLED_DIM, args.seed)
+    if args.conversion:
+        return conversion_main(args, encoder, started, cpu_started)
     summaries, per_prompt, grids = [], {}, {}
     shown = min(4, args.num_samples)  # samples per extreme in the figure
     for name in args.arms:
@@ -613,6 +814,30 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {args.out_dir / 'results.json'}")
     if args.figure:
         plot_figure(args.figure, summaries, per_prompt, grids)
+        print(f"wrote {args.figure}")
+    return result
+
+
+def conversion_main(
+    args: argparse.Namespace, encoder: CaptionEncoder, started: float, cpu_started: float
+) -> dict:
+    result = run_conversions(args, encoder)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print()
+    print(format_conversion_table(result))
+    print(
+        f"\nseed {args.seed}; ε base {args.steps} steps, conversions to v-pred ZTSNR σ20000 (guarded MinSNR) at lr "
+        f"{args.conversion_lr:g}, batch {args.batch_size}, {args.latent_size}x{args.latent_size} latents; "
+        f"{args.sample_steps} DDIM steps; {args.num_samples} samples per prompt; {args.threads} threads: "
+        f"wall time {wall:.0f} s, CPU time {cpu:.0f} s"
+    )
+    result.update(wall_seconds=wall, cpu_seconds=cpu)
+    if args.out_dir:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        (args.out_dir / "conversion.json").write_text(json.dumps({"options": options, **result}, indent=1))
+    if args.figure:
+        plot_conversions(args.figure, result)
         print(f"wrote {args.figure}")
     return result
 
