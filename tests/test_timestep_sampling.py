@@ -295,31 +295,36 @@ def test_the_trainer_refuses_bad_bounds_when_it_parses(tiny_sdxl, trainer_args, 
     assert "--min_timestep 900 / --max_timestep 900" in capsys.readouterr().err
 
 
-def test_a_high_noise_run_trains_and_says_how_it_draws(
+def test_a_high_noise_run_trains_says_how_it_draws_and_resumes_exactly(
     tiny_sdxl, train_cache, trainer_args, tmp_path, fresh_accelerate_state, caplog
 ):
+    import shutil
+
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
     import train_sdxl_ztsnr
 
-    args = trainer_args(
-        tiny_sdxl,
-        tmp_path,
-        "--precomputed_dir",
-        str(train_cache),
-        "--max_train_steps",
-        "2",
-        "--no_single_file",
-        "--timestep_sampling",
-        "high_noise",
-        "--high_noise_bias",
-        "2",
-        "--timestep_importance_weighting",
-        "--resolution_shift",
-    )
-    assert unet_options_sampling(args) == TimestepSampling("high_noise", 0.0, 1.0, 2.0, 0, 1000, True)
+    flags = [
+        "--precomputed_dir", str(train_cache), "--max_train_steps", "4", "--no_single_file",
+        "--timestep_sampling", "high_noise", "--high_noise_bias", "2", "--timestep_importance_weighting",
+        "--resolution_shift", "--min_timestep", "1",
+    ]  # fmt: skip
+    args = trainer_args(tiny_sdxl, tmp_path / "whole", *flags)
+    assert unet_options_sampling(args) == TimestepSampling("high_noise", 0.0, 1.0, 2.0, 1, 1000, True)
     with caplog.at_level("INFO"):
         result = train_sdxl_ztsnr.main(args)
-    assert result["step"] == 2 and math.isfinite(result["val_loss"])
-    assert "timesteps: high_noise (bias 2) over [0, 1000); t = 999 drawn 10% of the time" in caplog.text
+    assert result["step"] == 4 and math.isfinite(result["val_loss"])
+    assert "timesteps: high_noise (bias 2) over [1, 1000); t = 999 drawn 10% of the time" in caplog.text
+    # A run killed after step 2 and resumed draws what the unbroken run drew: the same weights.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = trainer_args(tiny_sdxl, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    assert train_sdxl_ztsnr.main(resumed)["step"] == 4
+    name = "unet/diffusion_pytorch_model.safetensors"
+    whole, again = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "resumed" / name))
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], atol=1e-6, rtol=0)
 
 
 def unet_options_sampling(args):
