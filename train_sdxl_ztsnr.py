@@ -110,7 +110,7 @@ def precompute_raw_data(args: argparse.Namespace, base: BaseModel) -> Path:
 
     cache_dir = Path(args.output_dir) / "cache"
     result = run_precompute(
-        FolderInputs(args.train_data_dir),
+        FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask),
         cache_dir,
         base.path,
         base.vae_path,
@@ -171,6 +171,7 @@ def load_training_data(args: argparse.Namespace, accelerator, base: BaseModel) -
         args.seed,
         args.normalize_latents,
         args.dataloader_num_workers,
+        "require" if args.masked_loss else "ignore" if args.no_masked_loss else "auto",
     )
 
 

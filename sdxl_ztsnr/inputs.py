@@ -91,11 +91,21 @@ class FolderInputs:
             return {}
         names = [f"{self.source(i)}\0{self.masks[i].name}" for i in sorted(self.masks)]
         digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
-        return {"masks": {"mask_files": len(self.masks), "mask_fingerprint": digest, "alpha_mask": self.alpha_mask}}
+        return {
+            "masks": {
+                "mask_files": len(self.masks),
+                "mask_fingerprint": digest,
+                "alpha_mask": self.alpha_mask,
+            }
+        }
 
     def describe(self) -> dict:
         masks = {"mask_dir": str(self.mask_dir)} if self.mask_dir is not None else {}
-        return {"train_data_dir": str(self.root), **masks, **({"alpha_mask": True} if self.alpha_mask else {})}
+        return {
+            "train_data_dir": str(self.root),
+            **masks,
+            **({"alpha_mask": True} if self.alpha_mask else {}),
+        }
 
 
 class DatasetInputs:
@@ -213,7 +223,9 @@ def prepare_input(
             if mask is not None:  # (H/8, W/8) uint8: the loss weights at latent size
                 latent_weights = latent_mask(crop_mask(mask, bucket, crop_top_left, flipped), mask_scale)
                 if not latent_weights.any():
-                    raise BadInputError(path, "the mask is all black inside the bucket's crop: nothing to train")
+                    raise BadInputError(
+                        path, "the mask is all black inside the bucket's crop: nothing to train"
+                    )
                 latent_weights = torch.from_numpy(latent_weights)
             item["samples"].append(
                 {

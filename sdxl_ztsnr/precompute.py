@@ -238,7 +238,9 @@ class _Encoder:
             if sample.get("mask") is not None:
                 mask = sample["mask"].numpy()  # (h, w) uint8 loss weights, made by the workers
                 if mask.shape != latents.shape[2:]:
-                    raise RuntimeError(f"mask {mask.shape} is not the latents' size {tuple(latents.shape[2:])}")
+                    raise RuntimeError(
+                        f"mask {mask.shape} is not the latents' size {tuple(latents.shape[2:])}"
+                    )
                 row["mask"] = mask
             if chunks is not None:
                 row["prompt_embeds"] = outputs[1][i, : chunks[i] * CHUNK_LENGTH].numpy()

@@ -10,13 +10,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from sdxl_ztsnr.base_model import BaseModel
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_frequencies, training_tag_weights
 
 logger = logging.getLogger("train_sdxl_ztsnr")
+
+# The cache's loss masks: "auto" uses them where it has some, "require" refuses a cache without, "ignore" trains
+# every pixel alike (kohya's --masked_loss is "require"; here masks in the cache count without a flag).
+MaskedLoss = Literal["auto", "require", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,11 @@ def open_training_rows(
     seed: int = 0,
     normalize_latents: bool = False,
     num_workers: int = 0,
+    masked_loss: MaskedLoss = "auto",
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
-    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None)."""
+    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None). Batches
+    carry a ``loss_mask`` where their rows have masks, unless ``masked_loss`` is "ignore"."""
     from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
@@ -74,6 +82,7 @@ def open_training_rows(
         expected["resolution"] = resolution  # a cache made at another resolution is refused, by name
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
+    dataset = _masks_as_asked(dataset, metadata, masked_loss, cache)
     if text_online and not captions.online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
@@ -120,6 +129,24 @@ def open_training_rows(
         captions.tag_dropout,
         num_workers,
     )
+
+
+def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, cache) -> object:
+    """The dataset with its mask column, or without it (so no batch reads or carries one)."""
+    masked = metadata["counts"].get("masked", 0) if "mask" in dataset.column_names else 0
+    if masked_loss == "require" and not masked:
+        raise UserError(
+            f"--masked_loss: the cache {cache} holds no masks; precompute it from a folder with masks "
+            "(name.mask.png beside the images, --mask_dir or --alpha_mask)"
+        )
+    if masked and masked_loss != "ignore":
+        logger.info(
+            "masked loss: %d of %d rows have a mask (the others weigh 1 everywhere)", masked, len(dataset)
+        )
+        return dataset
+    if masked:
+        logger.info("--no_masked_loss: the cache's masks (%d rows) are not used", masked)
+    return dataset.remove_columns("mask") if "mask" in dataset.column_names else dataset
 
 
 def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:

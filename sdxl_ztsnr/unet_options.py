@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
-from sdxl_ztsnr.options import add_ema_options, resolve_aliases
+from sdxl_ztsnr.options import add_ema_options, add_mask_source_options, resolve_aliases
 
 
 def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -35,6 +35,7 @@ def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._Argu
         "--bucket_step", type=int, default=64, help="bucket sides are multiples of this (raw data)"
     )
     data.add_argument("--max_token_chunks", type=int, default=3, help="75-token chunks per prompt (raw data)")
+    add_mask_source_options(data, "raw data: ")
     data.add_argument(
         "--precompute_shard_size",
         type=int,
@@ -104,6 +105,14 @@ def add_schedule_options(
         help="min_snr keeps the pure-noise step trained; min_snr_unguarded is the textbook form",
     )
     ztsnr.add_argument("--snr_gamma", type=float, default=5.0, help="γ of MinSNR (NAI used 5)")
+    ztsnr.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="require loss masks in the cache (kohya's switch; masks the cache holds are used without it)",
+    )
+    ztsnr.add_argument(
+        "--no_masked_loss", action="store_true", help="ignore the cache's masks: every pixel weighs 1"
+    )
     ztsnr.add_argument(
         "--resolution_shift",
         action="store_true",
@@ -202,6 +211,12 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(
             "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
         )
+    if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
+        parser.error(
+            "--mask_dir and --alpha_mask are read with --train_data_dir; a cache holds its masks already"
+        )
+    if args.masked_loss and args.no_masked_loss:
+        parser.error("--masked_loss requires the cache's masks, --no_masked_loss ignores them: give one")
     # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
     args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
     args.text_online = args.text_online or args.text_online_implied
