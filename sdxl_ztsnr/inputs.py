@@ -53,8 +53,10 @@ class FolderInputs:
         if self.mask_dir is not None:
             if not self.mask_dir.is_dir():
                 raise UserError(f"--mask_dir {self.mask_dir}: no such folder; pass the folder of mask images")
-            inside = self.mask_dir.resolve()
-            files = [p for p in files if not p.resolve().is_relative_to(inside)]  # a mask_dir under root
+            inside, root = self.mask_dir.resolve(), self.root.resolve()
+            if inside.is_relative_to(root):  # a mask_dir under root: its masks are not samples
+                prefix = self.root / inside.relative_to(root)
+                files = [p for p in files if not p.is_relative_to(prefix)]
         self.paths, beside = split_mask_files(files)
         if not self.paths:
             raise UserError(

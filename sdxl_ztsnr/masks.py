@@ -16,7 +16,6 @@ meaning; a row without a mask weighs 1 everywhere.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,20 +37,19 @@ def split_mask_files(paths: Sequence[Path]) -> tuple[list[Path], dict[Path, Path
     """(training images, {image: its ``name.mask.ext``}) of a folder's image files: ``x.mask.png`` beside an
     image ``x.*`` is that image's mask, not a sample. One without such an image stays a sample (a real picture
     may be called so); any case of ``.mask`` counts."""
-    by_base: dict[Path, list[Path]] = defaultdict(list)
-    for path in paths:
-        by_base[_without_suffix(path)].append(path)
-    images, masks = [], {}
+    # Memory in proportion to the mask files, not to the folder (which may hold millions of images).
+    candidates: dict[Path, list[Path]] = {}  # owner's path without extension -> its mask files, sorted
     for path in paths:
         base = _without_suffix(path)
         if base.name.lower().endswith(MASK_SUFFIX):
-            owners = by_base.get(base.with_name(base.name[: -len(MASK_SUFFIX)]), [])
-            if owners:
-                for owner in owners:
-                    masks.setdefault(owner, path)
-                continue
-        images.append(path)
-    return images, masks
+            candidates.setdefault(base.with_name(base.name[: -len(MASK_SUFFIX)]), []).append(path)
+    if not candidates:
+        return list(paths), {}
+    masks = {path: candidates[base][0] for path in paths if (base := _without_suffix(path)) in candidates}
+    used = {
+        mask for path in masks for mask in candidates[_without_suffix(path)]
+    }  # x.mask.jpg beside x.mask.png too
+    return [path for path in paths if path not in used], masks
 
 
 def masks_in_dir(mask_dir: Path, root: Path, images: Sequence[Path]) -> dict[Path, Path]:

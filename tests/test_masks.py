@@ -40,6 +40,7 @@ def _mask(path: Path, pixels: np.ndarray) -> Path:
 def test_mask_beside_the_image_is_its_mask_and_not_a_sample(tmp_path):
     _image(tmp_path / "a.png")
     _mask(tmp_path / "a.mask.png", np.full((64, 96), 255))
+    _mask(tmp_path / "a.mask.jpg", np.full((64, 96), 255))  # a second mask of a.png: not a sample either
     _image(tmp_path / "b.jpg")
     _mask(tmp_path / "sub" / "c.MASK.webp", np.full((64, 96), 255))  # any case, any image extension
     _image(tmp_path / "sub" / "c.png")
@@ -52,10 +53,10 @@ def test_mask_beside_the_image_is_its_mask_and_not_a_sample(tmp_path):
         "sub/c.png",
     ]
     assert {inputs.source(i): p.name for i, p in inputs.masks.items()} == {
-        "a.png": "a.mask.png",
+        "a.png": "a.mask.jpg",  # of two, the first in name order
         "sub/c.png": "c.MASK.webp",
     }
-    assert inputs.mask_settings()["masks"]["mask_files"] == 2
+    assert inputs.mask_settings()["masks"]["mask_files"] == 2  # masks of images, not mask files
 
 
 def test_mask_dir_same_names_wins_and_is_never_a_sample(tmp_path):
