@@ -387,3 +387,18 @@ def test_mask_flags_need_a_folder(tiny_sdxl, trainer_args, tmp_path):
         tiny_sdxl, tmp_path, "--train_data_dir", str(tmp_path), "--conditioning_data_dir", "m"
     )
     assert args.mask_dir == "m"
+
+
+def test_no_masked_loss_drops_the_column_and_auto_keeps_it(masked_cache):
+    from sdxl_ztsnr.training_cache import _masks_as_asked
+
+    out, _, _ = masked_cache
+    dataset, metadata = cache.load_cache(out)
+    assert "mask" in _masks_as_asked(dataset, metadata, "auto", out).column_names
+    assert "mask" in _masks_as_asked(dataset, metadata, "require", out).column_names
+    assert "mask" not in _masks_as_asked(dataset, metadata, "ignore", out).column_names
+    old = dataset.remove_columns("mask")  # a cache made before masks: no column, no "masked" count
+    old_metadata = {**metadata, "counts": {k: v for k, v in metadata["counts"].items() if k != "masked"}}
+    assert _masks_as_asked(old, old_metadata, "auto", out).column_names == old.column_names
+    with pytest.raises(UserError, match="holds no masks"):
+        _masks_as_asked(old, old_metadata, "require", out)
