@@ -131,12 +131,13 @@ def open_training_rows(
     )
 
 
-def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, cache) -> object:
-    """The dataset with its mask column, or without it (so no batch reads or carries one)."""
+def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, where: str | os.PathLike):
+    """The cache's dataset with its mask column, or without it (so no batch reads or carries one); ``where``
+    names the cache in the error."""
     masked = metadata["counts"].get("masked", 0) if "mask" in dataset.column_names else 0
     if masked_loss == "require" and not masked:
         raise UserError(
-            f"--masked_loss: the cache {cache} holds no masks; precompute it from a folder with masks "
+            f"--masked_loss: the cache {where} holds no masks; precompute it from a folder with masks "
             "(name.mask.png beside the images, --mask_dir or --alpha_mask)"
         )
     if masked and masked_loss != "ignore":
