@@ -117,7 +117,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise UserError(f"--lora_weights {path}: not a readable safetensors file ({error})") from None
 
 
-def _kohya_table(unet: torch.nn.Module) -> dict[str, str]:
+def unet_kohya_table(unet: torch.nn.Module) -> dict[str, str]:
     """kohya name -> diffusers module: ComfyUI's names for the UNet (SGM path and diffusers path)."""
     table = {kohya: module for module, kohya in lora_lib.kohya_unet_names(unet).items()}
     for module in lora_lib.kohya_unet_names(unet):
@@ -137,24 +137,26 @@ def _file_kind_error(path: Path, keys: Iterable[str]) -> None:
         )
 
 
-def _metadata_config(metadata: Mapping[str, str]) -> dict:
-    """The UNet's peft config from a diffusers/peft file header (`lora_adapter_metadata`), {} without one."""
+def _metadata_config(metadata: Mapping[str, str], component: str) -> dict:
+    """A component's peft config from a diffusers/peft file header (`lora_adapter_metadata`), {} without one."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     packed = json.loads(raw)
-    return {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.") or "." not in k}
+    prefix = f"{component}."
+    return {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix) or "." not in k}
 
 
-def _kohya_modules(path: Path, state: Mapping[str, torch.Tensor], unet) -> dict[str, dict[str, torch.Tensor]]:
-    table = _kohya_table(unet)
+def _kohya_modules(
+    path: Path, state: Mapping[str, torch.Tensor], table: Mapping[str, str], what: str
+) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key in sorted(state):
         name, _, suffix = key.partition(".")
         module = table.get(name)
         if module is None:
             raise UserError(
-                f"--lora_weights {path}: key {key} names no module of this SDXL UNet (a LoRA for another "
+                f"--lora_weights {path}: key {key} names no module of this {what} (a LoRA for another "
                 "architecture, e.g. SD 1.5 or Flux?)"
             )
         if suffix in lora_variants.UNSUPPORTED_LYCORIS_KEYS:
@@ -166,12 +168,14 @@ def _kohya_modules(path: Path, state: Mapping[str, torch.Tensor], unet) -> dict[
     return modules
 
 
-def _peft_modules(path: Path, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _peft_modules(
+    path: Path, state: Mapping[str, torch.Tensor], component: str
+) -> dict[str, dict[str, torch.Tensor]]:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     bare = {}
     for key, tensor in state.items():
-        for prefix in ("unet.", "base_model.model."):
+        for prefix in (f"{component}.", "base_model.model."):
             key = key.removeprefix(prefix)
         bare[key] = tensor
     if any(k.endswith((".lora.down.weight", "_lora.down.weight")) for k in bare):  # diffusers' older forms
@@ -246,18 +250,29 @@ def _lokr_settings(adapter_modules: Mapping[str, dict], unet, layout: str) -> di
 
 
 def file_adapter(
-    path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], unet
+    path: str | Path,
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    unet: torch.nn.Module,
+    kohya_table: Mapping[str, str] | None = None,
+    component: str = "unet",
 ) -> FileAdapter:
-    """The UNet adapter in a file's tensors (`state`: the UNet component of `read_lora_file`), checked against
-    `unet`'s module names; a UserError names the file and the first key that does not fit."""
+    """The adapter in a file's tensors for one model (`state`: its component of `split_components`), checked
+    against the model's module names; a UserError names the file and the first key that does not fit.
+
+    `unet` is the model (the UNet, or a text encoder with its `kohya_table`: kohya name -> module name, and
+    `component`, the prefix of its diffusers keys); the UNet's table is `unet_kohya_table`.
+    """
     path = Path(path)
+    what = "SDXL UNet" if component == "unet" else component
     if not state:
-        raise UserError(f"--lora_weights {path}: holds no UNet LoRA tensors")
+        raise UserError(f"--lora_weights {path}: holds no {what} LoRA tensors")
     _file_kind_error(path, state)
-    if any(k.startswith((lora_lib.KOHYA_PREFIX, "lycoris_")) for k in state):
-        layout, modules = "kohya", _kohya_modules(path, state, unet)
+    table = unet_kohya_table(unet) if kohya_table is None else kohya_table
+    if any(k.startswith(("lora_", "lycoris_")) and not k.startswith(("lora_A", "lora_B")) for k in state):
+        layout, modules = "kohya", _kohya_modules(path, state, table, what)
     elif any(k.endswith(_PEFT_SUFFIXES) or lora_variants.split_peft_key(k) for k in state):
-        layout, modules = "peft", _peft_modules(path, state)
+        layout, modules = "peft", _peft_modules(path, state, component)
     else:
         raise UserError(
             f"--lora_weights {path}: key {sorted(state)[0]} is in no LoRA layout this trainer reads"
@@ -267,10 +282,10 @@ def file_adapter(
     for module in modules:
         if not isinstance(layers.get(module), (torch.nn.Linear, torch.nn.Conv2d)):
             raise UserError(
-                f"--lora_weights {path}: module {module} is no Linear or Conv2d layer of this SDXL UNet"
+                f"--lora_weights {path}: module {module} is no Linear or Conv2d layer of this {what}"
                 + ("" if module in layers else " (a LoRA for another architecture?)")
             )
-    config = _metadata_config(metadata) if layout == "peft" else {}
+    config = _metadata_config(metadata, component) if layout == "peft" else {}
     rank_of = lora_variants.lycoris_rank if layout == "kohya" else _peft_rank
     ranks = {m: rank_of(lora_type, t) for m, t in modules.items()}
     if any(r is None for r in ranks.values()) and "r" in config:  # LoKr with both factors whole: peft's r

@@ -224,6 +224,17 @@ def test_another_trainers_kohya_file_continues_exactly(tiny_sdxl, tmp_path):
     settings = lora_settings(unet)
     assert settings["rank"] == 4 and settings["rank_pattern"]  # per-module ranks and alphas kept
     torch.testing.assert_close(_output(unet), _output(reference), atol=1e-5, rtol=0)
+    # Saved again, per-module ranks and alphas included: the kohya file means what the original did.
+    _, kohya_path = save_lora(unet, tmp_path / "again", "again")
+    table, layers = _comfy_key_table(_tiny_unet(tiny_sdxl)), dict(_tiny_unet(tiny_sdxl).named_modules())
+    again: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(kohya_path)).items():
+        name, _, suffix = key.partition(".")
+        again.setdefault(table[name].removesuffix(".weight"), {})[suffix] = tensor
+    assert again.keys() == merged.keys()
+    for module, keys in again.items():
+        weight = _lycoris_weight(layers[module].weight.detach(), keys)
+        torch.testing.assert_close(weight, merged[module], atol=1e-6, rtol=1e-6, msg=module)
 
 
 def test_diffusers_older_key_forms_continue_like_peft_keys(tiny_sdxl, tmp_path):
