@@ -183,9 +183,9 @@ def _peft_modules(
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key in sorted(bare):
         split = lora_variants.split_peft_key(key.replace(".default.", ".").removesuffix(".default"))
+        if split is None and key.endswith(".alpha"):  # some converters keep kohya's alpha beside peft keys
+            split = key.removesuffix(".alpha"), lora_variants.ALPHA_KEY
         if split is None:
-            if key.endswith(".alpha"):
-                continue  # read by _peft_alphas
             raise UserError(f"--lora_weights {path}: key {key} is no LoRA, DoRA, LoHa or LoKr tensor")
         module, name = split
         modules.setdefault(module, {})[name] = bare[key]
@@ -228,7 +228,13 @@ def _peft_rank(lora_type: LoraType, tensors: Mapping[str, torch.Tensor]) -> int 
     return next((int(tensors[n].shape[0]) for n in ("lokr_w2_b", "lokr_w1_b") if n in tensors), None)
 
 
-def _lokr_settings(adapter_modules: Mapping[str, dict], unet, layout: str) -> dict:
+def _pattern_value(patterns: Mapping[str, float], module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key (a regex) matching the end of the module name."""
+    key = next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), None)
+    return default if key is None else patterns[key]
+
+
+def _lokr_settings(adapter_modules: Mapping[str, dict], unet) -> dict:
     """decompose_both and decompose_factor that give the file's LoKr factor shapes (peft's factorization)."""
     from peft.tuners.lokr.layer import factorization
 
@@ -288,29 +294,26 @@ def file_adapter(
     config = _metadata_config(metadata, component) if layout == "peft" else {}
     rank_of = lora_variants.lycoris_rank if layout == "kohya" else _peft_rank
     ranks = {m: rank_of(lora_type, t) for m, t in modules.items()}
-    if any(r is None for r in ranks.values()) and "r" in config:  # LoKr with both factors whole: peft's r
-        ranks = {m: int(config["r"]) if r is None else r for m, r in ranks.items()}
-    if any(
-        r is None for r in ranks.values()
-    ):  # kohya layout: the scale is folded in, the rank only decides that
+    # A LoKr module with both factors whole holds no rank. A peft file's config has it (its scale is alpha/r);
+    # in a kohya file the scale is folded in, and the rank only has to make peft keep the factors whole
+    # (rank >= the larger side of lokr_w2 / 2).
+    whole = [m for m, r in ranks.items() if r is None]
+    if whole and "r" in config:
+        ranks |= {m: int(_pattern_value(config.get("rank_pattern") or {}, m, config["r"])) for m in whole}
+    elif whole:
         known = Counter(r for r in ranks.values() if r is not None).most_common(1)
         rank = known[0][0] if known else 1
-        for module, r in ranks.items():
-            if r is None:  # peft keeps the factors whole when rank >= the larger side of lokr_w2 / 2
-                ranks[module] = max(rank, -(-max(modules[module]["lokr_w2"].shape[:2]) // 2))
+        ranks |= {m: max(rank, -(-max(modules[m]["lokr_w2"].shape[:2]) // 2)) for m in whole}
     alphas = {}
     default_alpha = config.get("lora_alpha", config.get("alpha"))
-    alpha_pattern = config.get("alpha_pattern") or {}
     for module, tensors in modules.items():
-        if layout == "kohya" and lora_variants.ALPHA_KEY in tensors:
-            alphas[module] = float(tensors[lora_variants.ALPHA_KEY])
-        else:
-            pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
-            alpha = alpha_pattern[pattern] if pattern is not None else default_alpha
-            alphas[module] = float(
-                ranks[module] if alpha is None else alpha
-            )  # no alpha: kohya's and diffusers' scale 1
-    lokr = _lokr_settings(modules, unet, layout) if lora_type == "lokr" else {}
+        alpha = tensors.pop(lora_variants.ALPHA_KEY, None)
+        if alpha is None:
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, default_alpha)
+        alphas[module] = float(
+            ranks[module] if alpha is None else alpha
+        )  # none: kohya's and diffusers' scale 1
+    lokr = _lokr_settings(modules, unet) if lora_type == "lokr" else {}
     return FileAdapter(lora_type, layout, ranks, alphas, modules, lokr)
 
 

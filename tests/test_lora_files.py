@@ -237,18 +237,26 @@ def test_another_trainers_kohya_file_continues_exactly(tiny_sdxl, tmp_path):
         torch.testing.assert_close(weight, merged[module], atol=1e-6, rtol=1e-6, msg=module)
 
 
-def test_diffusers_older_key_forms_continue_like_peft_keys(tiny_sdxl, tmp_path):
-    unet = _trained(tiny_sdxl, "lora", alpha=4.0, targets=("to_q", "to_out.0", "proj_in"))  # alpha = rank
-    ours = _output(unet)
-    diffusers_path, _ = save_lora(unet, tmp_path, "tiny")
-    peft_keys = load_file(str(diffusers_path))
-    older = {
-        k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in peft_keys.items()
-    }
-    save_file(older, str(tmp_path / "older.safetensors"))  # no header: diffusers' scale 1 (alpha = rank)
-    reloaded = _tiny_unet(tiny_sdxl)
-    continue_lora(reloaded, tmp_path / "older.safetensors")
-    torch.testing.assert_close(_output(reloaded), ours, atol=1e-5, rtol=0)
+def test_diffusers_older_key_forms_and_bare_alphas_continue_like_peft_keys(tiny_sdxl, tmp_path):
+    targets = ("to_q", "to_out.0", "proj_in")
+    for alpha, form in [(4.0, "older"), (2.0, "alphas")]:
+        unet = _trained(tiny_sdxl, "lora", alpha=alpha, targets=targets)
+        ours = _output(unet)
+        diffusers_path, _ = save_lora(unet, tmp_path / form, "tiny")
+        keys = load_file(str(diffusers_path))  # re-saved without the header that holds alpha
+        if form == "older":  # diffusers' older key names; no alpha anywhere: scale 1 (alpha = rank 4)
+            keys = {
+                k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v
+                for k, v in keys.items()
+            }
+        else:  # peft keys with kohya's alpha tensors beside them
+            keys |= {
+                k.replace(".lora_A.weight", ".alpha"): torch.tensor(alpha) for k in keys if ".lora_A." in k
+            }
+        save_file(keys, str(tmp_path / f"{form}.safetensors"))
+        reloaded = _tiny_unet(tiny_sdxl)
+        continue_lora(reloaded, tmp_path / f"{form}.safetensors")
+        torch.testing.assert_close(_output(reloaded), ours, atol=1e-5, rtol=0, msg=form)
 
 
 def test_compact_targets_match_exactly_the_chosen_modules(tiny_sdxl):
