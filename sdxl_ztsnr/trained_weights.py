@@ -67,7 +67,7 @@ def check_lora_base(model_name_or_path: str, allow_epsilon_base: bool, revision:
     if problem is None:
         return
     if not allow_epsilon_base:
-        raise UserError(f"--lora_rank: {problem} (--allow_epsilon_base trains it anyway)")
+        raise UserError(f"--lora_rank / --lora_weights: {problem} (--allow_epsilon_base trains it anyway)")
     logger.warning("--allow_epsilon_base: %s", problem)
 
 

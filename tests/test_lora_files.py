@@ -2,6 +2,7 @@
 file's keys are ComfyUI's and its math is LyCORIS's, other trainers' files continue exactly, bad files are refused."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -156,6 +157,22 @@ def test_each_type_reloads_from_both_files_to_the_trained_adapter(tiny_sdxl, tmp
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
         pipe.load_lora_weights(tmp_path, weight_name=diffusers_path.name)
         torch.testing.assert_close(_output(pipe.unet), ours, atol=1e-5, rtol=0)
+    else:  # plain peft: the config from the header, the tensors by their keys
+        from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors import safe_open
+
+        with safe_open(str(diffusers_path), "pt") as f:
+            header = json.loads(f.metadata()["lora_adapter_metadata"])
+        config_class = LoHaConfig if lora_type == "loha" else LoKrConfig
+        fields = {k.removeprefix("unet."): v for k, v in header.items()}
+        config = config_class(
+            **{k: v for k, v in fields.items() if k in config_class.__dataclass_fields__ and k != "peft_type"}
+        )
+        plain = _tiny_unet(tiny_sdxl)
+        inject_adapter_in_model(config, plain, adapter_name="default")
+        keys = {k.removeprefix("unet."): v for k, v in load_file(str(diffusers_path)).items()}
+        assert not set_peft_model_state_dict(plain, keys, adapter_name="default").unexpected_keys
+        torch.testing.assert_close(_output(plain), ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
