@@ -336,3 +336,25 @@ def test_bad_lora_files_are_refused_in_one_line_naming_the_file(tiny_sdxl, tmp_p
         with pytest.raises(UserError, match=f"{re.escape(match)}.*disagrees") as caught:
             continue_lora(_tiny_unet(tiny_sdxl), path, **kwargs)
         assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_type", LORA_TYPES)
+def test_kohya_keys_of_every_kind_map_in_comfyuis_table_on_the_real_sdxl_layout(lora_type):
+    """SDXL's real block counts (meta device): each adapted module of every kind gets keys ComfyUI looks up."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_ztsnr.lora import kohya_lora_state_dict
+    from sdxl_ztsnr.sdxl_architecture import SDXL_UNET
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    table = _comfy_key_table(unet)
+    add_lora(unet, 8, 4, target_modules=EVERY_KIND, lora_type=lora_type)
+    state = kohya_lora_state_dict(unet)
+    names = {key.partition(".")[0] for key in state}
+    assert len(names) == len(lora_modules(unet)) == 792  # one kohya name per adapted module, none shared
+    assert names <= set(table), sorted(names - set(table))[:3]
+    assert {table[name].removesuffix(".weight") for name in names} == set(lora_modules(unet))
+    assert {key.partition(".")[2] for key in state} <= KIND_SUFFIXES[lora_type]
