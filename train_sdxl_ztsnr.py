@@ -25,6 +25,7 @@ from sdxl_ztsnr.attention import ATTENTION_BACKENDS, attention_context, configur
 from sdxl_ztsnr.base_model import BaseModel, conversion_note, resolve_base
 from sdxl_ztsnr.console import UserError, make_output_dir
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
+from sdxl_ztsnr.lora_variants import LORA_TYPES
 from sdxl_ztsnr.optimizers import (
     build_training_optimizer,
     check_fused_backward,
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet_options.add_training_data_options(parser)
     unet_options.add_tag_weighting_options(parser, DEFAULT_CLASS_WEIGHTS)
     unet_options.add_schedule_options(parser, NAI_SIGMA_MAX, LOSS_WEIGHTINGS)
-    unet_options.add_adapter_options(parser, DEFAULT_TARGET_MODULES)
+    unet_options.add_adapter_options(parser, DEFAULT_TARGET_MODULES, LORA_TYPES)
     options.add_optimizer_options(
         parser,
         "constant_with_warmup",
@@ -209,19 +210,22 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def trained_weights(args: argparse.Namespace, base: BaseModel, unet, distributed_type) -> TrainedWeights:
-    """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
+    """The whole UNet or a LoRA on it, new or continued (refused on an ε-prediction base), and its EMA."""
     from accelerate.utils import DistributedType
 
-    if distributed_type == DistributedType.FSDP and (args.lora_rank or args.use_ema):
+    if distributed_type == DistributedType.FSDP and (args.lora_rank or args.lora_weights or args.use_ema):
         raise UserError(
             "--lora_rank and --use_ema are not supported under FSDP (sharded weights); use DDP or DeepSpeed "
             "ZeRO-2 (examples/accelerate/) for them"
         )
     lora = ema = None
-    if args.lora_rank:
+    if args.lora_rank or args.lora_weights:
         check_lora_base(base.path, args.allow_epsilon_base, base.revision)
+        # The default targets given beside --lora_weights mean "the file's"; other targets must match the file.
+        given = list(args.lora_target_modules) != list(DEFAULT_TARGET_MODULES)
+        targets = tuple(args.lora_target_modules) if given or not args.lora_weights else None
         lora = LoraSettings(
-            args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules)
+            args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.lora_type, args.lora_weights
         )
     if args.use_ema:
         ema = EmaSettings(

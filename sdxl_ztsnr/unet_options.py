@@ -128,9 +128,9 @@ def add_schedule_options(
 
 
 def add_adapter_options(
-    parser: argparse.ArgumentParser, lora_targets: Sequence[str]
+    parser: argparse.ArgumentParser, lora_targets: Sequence[str], lora_types: Sequence[str] = ("lora",)
 ) -> argparse._ArgumentGroup:
-    """A LoRA instead of a full fine-tune, and an EMA of what trains."""
+    """A LoRA (or DoRA, LoHa, LoKr; new or continued from a file) instead of a full fine-tune, and an EMA."""
     adapters = parser.add_argument_group("LoRA (instead of a full fine-tune) and EMA")
     adapters.add_argument(
         "--lora_rank",
@@ -146,7 +146,23 @@ def add_adapter_options(
         "--lora_target_modules",
         nargs="+",
         default=list(lora_targets),
-        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections",
+        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections; with "
+        "--lora_weights the file's",
+    )
+    adapters.add_argument(
+        "--lora_type",
+        choices=list(lora_types),
+        default=None,
+        help="the adapter, through peft: lora (default), dora (weight-decomposed), loha (Hadamard), lokr "
+        "(Kronecker); with --lora_weights the file's",
+    )
+    adapters.add_argument(
+        "--lora_weights",
+        "--network_weights",
+        default=None,
+        metavar="FILE",
+        help="continue a LoRA: a kohya/A1111/LyCORIS or diffusers/peft .safetensors; its type, rank, alpha and "
+        "target modules are taken from the file (flags given beside it must agree)",
     )
     adapters.add_argument(
         "--allow_epsilon_base",
@@ -224,3 +240,5 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--proportion_empty_prompts must be in [0, 1]")
     if (args.export_ema or args.validate_ema) and not args.use_ema:
         parser.error("--export_ema and --validate_ema need --use_ema")
+    if args.lora_type and not (args.lora_rank or args.lora_weights):
+        parser.error("--lora_type needs --lora_rank (a new adapter) or --lora_weights (a continued one)")
