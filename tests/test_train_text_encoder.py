@@ -108,6 +108,20 @@ def test_full_run_resumes_exactly(full_run, tiny_sdxl, train_cache, trainer_args
     assert_close_weights(load_file(str(tmp_path / unet)), load_file(str(out / unet)))
 
 
+def test_requeue_with_missing_outputs_writes_the_trained_encoders(
+    full_run, tiny_sdxl, train_cache, trainer_args, tmp_path
+):
+    out, _ = full_run
+    shutil.copytree(out / "checkpoint-4", tmp_path / "checkpoint-4")  # a finished run whose outputs were lost
+    args = trainer_args(
+        tiny_sdxl, tmp_path, "--precomputed_dir", str(train_cache), "--learning_rate", "5e-4", *FULL,
+        "--resume_from_checkpoint", "latest", "--no_single_file",
+    )  # fmt: skip
+    assert run(args).get("finished_before")
+    for index in (0, 1):
+        assert_close_weights(encoder_weights(tmp_path, index), encoder_weights(out, index), atol=0)
+
+
 def test_zero_learning_rate_freezes_that_encoder_and_the_log_says_online(
     tiny_sdxl, train_cache, trainer_args, tmp_path, caplog
 ):
