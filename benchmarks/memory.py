@@ -271,7 +271,7 @@ def setup_text_encoders(config: Config, text_configs: tuple, device: torch.devic
                 encoder.get_submodule(name).requires_grad_(False)
         encoder.train()
         if config.gradient_checkpointing:
-            encoder.gradient_checkpointing_enable({"use_reentrant": False})
+            encoder.activation_checkpointing_enable({"use_reentrant": False})
     return encoders
 
 

@@ -159,7 +159,7 @@ class TrainedTextEncoders:
                     encoder.get_submodule(name).requires_grad_(False)
             encoder.train()
             if settings.gradient_checkpointing:  # non-reentrant: a LoRA's frozen inputs still pass gradients
-                encoder.gradient_checkpointing_enable({"use_reentrant": False})
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
         return cls(tokenizers, encoders, settings.learning_rates, bool(settings.lora_rank), frozen_dtype)
 
     @property

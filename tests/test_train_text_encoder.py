@@ -142,7 +142,7 @@ def test_zero_learning_rate_freezes_that_encoder_and_the_log_says_online(
 
 
 LORA = ["--train_text_encoder", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
-LORA += ["--max_train_steps", "2", "--checkpointing_steps", "1"]
+LORA += ["--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_checkpointing"]
 
 
 @pytest.fixture(scope="module")
