@@ -12,7 +12,7 @@ import torch
 
 from sdxl_ztsnr import export, lifecycle
 from sdxl_ztsnr.base_model import BaseModel
-from sdxl_ztsnr.lora import DIFFUSERS_LORA_NAME
+from sdxl_ztsnr.lora import DIFFUSERS_LORA_NAME, EMA_LORA_SUBFOLDER
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import scheduler_config
 from sdxl_ztsnr.text_encoder_training import TrainedTextEncoders
@@ -92,6 +92,12 @@ def write_run_outputs(
     if weights.lora is not None and text_encoders is not None:
         with weights.exported(export_ema):
             text_encoders.save_lora(out / DIFFUSERS_LORA_NAME, out / f"{name}.safetensors", weights.unet)
+        if weights.ema is not None:  # the EMA LoRA files: the UNet's EMA with the encoders' LoRAs as trained
+            ema_dir = out / EMA_LORA_SUBFOLDER
+            with weights.exported(True):
+                text_encoders.save_lora(
+                    ema_dir / DIFFUSERS_LORA_NAME, ema_dir / f"{name}_ema.safetensors", weights.unet
+                )
     if weights.lora is None:
         with weights.exported(export_ema):
             save_pipeline_and_single_file(

@@ -142,7 +142,7 @@ def test_zero_learning_rate_freezes_that_encoder_and_the_log_says_online(
 
 
 LORA = ["--train_text_encoder", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
-LORA += ["--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_checkpointing"]
+LORA += ["--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_checkpointing", "--use_ema"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,8 @@ def test_lora_run_saves_the_encoders_loras_in_both_files(lora_run, tiny_sdxl):
     assert len(te1) == 6 and all("_layers_0_" in m for m in te1), "encoder 1: its first layer's 6 linears"
     assert len(te2) == 18, "encoder 2: 6 linears in each of its 3 layers"
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    ema = load_file(str(lora_run / "lora_ema" / f"{lora_run.name}_ema.safetensors"))
+    assert {k for k in kohya if k.startswith("lora_te")} == {k for k in ema if k.startswith("lora_te")}
     checkpoint = {p.name for p in (lora_run / "checkpoint-2").iterdir()}
     assert TEXT_LORA_STATE_NAME in checkpoint and not any(n.startswith("model") for n in checkpoint)
 
