@@ -279,3 +279,27 @@ def test_kohya_spellings_and_defaults():
     assert text_encoder_learning_rates(1e-4, None, None) == (1e-4, 1e-4)
     assert text_encoder_learning_rates(1e-4, 2e-5, None) == (2e-5, 2e-5)
     assert text_encoder_learning_rates(1e-4, None, 0.0) == (1e-4, 0.0)
+
+
+@pytest.mark.parametrize("form", ["plain", "bf16", "fused_backward"])
+def test_parameter_groups_keep_their_learning_rates_in_every_optimizer_form(form):
+    from sdxl_ztsnr.optimizers import build_training_optimizer
+
+    dtype = torch.bfloat16 if form == "bf16" else torch.float32
+    unet = [torch.nn.Parameter(torch.ones(3, dtype=dtype)), torch.nn.Parameter(torch.ones(2, dtype=dtype))]
+    encoder = [torch.nn.Parameter(torch.ones(4))]
+    optimizer = build_training_optimizer(
+        [{"params": unet, "lr": 1e-3}, {"params": encoder, "lr": 0.25}],
+        "adamw",
+        1.0,
+        weight_decay=0.0,
+        fused_backward=form == "fused_backward",
+        bf16_update="stochastic" if form == "bf16" else None,
+    )
+    for p in unet + encoder:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    # AdamW's first step moves every weight by its learning rate (sign of the gradient).
+    assert torch.allclose(encoder[0].detach(), torch.full((4,), 0.75))
+    for p in unet:
+        assert torch.allclose(p.detach().float(), torch.full(p.shape, 1 - 1e-3), atol=4e-3)
