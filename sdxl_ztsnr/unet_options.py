@@ -180,6 +180,33 @@ def add_adapter_options(
     return adapters
 
 
+def add_text_encoder_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Training both text encoders beside the UNet (kohya's --train_text_encoder, --learning_rate_te1/te2)."""
+    text = parser.add_argument_group("text encoders")
+    text.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="train both text encoders too (whole, or a LoRA on each with --lora_rank); implies --text_online",
+    )
+    text.add_argument(
+        "--text_encoder_lr",
+        "--learning_rate_te1",
+        "--text_encoder_lr1",
+        type=float,
+        default=None,
+        help="learning rate of encoder 1 (CLIP ViT-L); default --learning_rate; 0 leaves it frozen",
+    )
+    text.add_argument(
+        "--text_encoder_2_lr",
+        "--learning_rate_te2",
+        "--text_encoder_lr2",
+        type=float,
+        default=None,
+        help="learning rate of encoder 2 (OpenCLIP ViT-bigG); default --text_encoder_lr; 0 leaves it frozen",
+    )
+    return text
+
+
 def add_validation_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Sample grids and the fixed-noise validation loss during and after the run."""
     validation = parser.add_argument_group("validation")
@@ -233,8 +260,17 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         )
     if args.masked_loss and args.no_masked_loss:
         parser.error("--masked_loss requires the cache's masks, --no_masked_loss ignores them: give one")
-    # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
-    args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
+    text_lrs = (args.text_encoder_lr, args.text_encoder_2_lr)
+    if any(lr is not None for lr in text_lrs) and not args.train_text_encoder:
+        parser.error("--text_encoder_lr and --text_encoder_2_lr are for --train_text_encoder")
+    if any(lr is not None and lr < 0 for lr in text_lrs):
+        parser.error("--text_encoder_lr and --text_encoder_2_lr must be >= 0 (0 leaves that encoder frozen)")
+    if args.train_text_encoder and args.text_encoder_lr == 0 and not args.text_encoder_2_lr:
+        parser.error("--train_text_encoder with both text-encoder learning rates 0 trains neither: drop it")
+    # --tag_dropout / --keep_tokens change the caption each step, --train_text_encoder needs the captions
+    # themselves: only online text encoding can do that.
+    changed = args.tag_dropout or args.keep_tokens or args.train_text_encoder
+    args.text_online_implied = bool(changed and not args.text_online)
     args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
