@@ -267,6 +267,16 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--text_encoder_lr and --text_encoder_2_lr must be >= 0 (0 leaves that encoder frozen)")
     if args.train_text_encoder and args.text_encoder_lr == 0 and not args.text_encoder_2_lr:
         parser.error("--train_text_encoder with both text-encoder learning rates 0 trains neither: drop it")
+    if args.train_text_encoder and args.lora_weights:
+        parser.error(
+            "--train_text_encoder with --lora_weights: a continued LoRA trains the UNet's adapter only "
+            "(the file's lora_te keys are not read); drop one of them"
+        )
+    if args.train_text_encoder and args.lora_rank and args.lora_type not in (None, "lora"):
+        parser.error(
+            f"--train_text_encoder gives the text encoders a plain LoRA; --lora_type {args.lora_type} is for "
+            "the UNet only: train the encoders in a separate plain-LoRA run, or drop --train_text_encoder"
+        )
     # --tag_dropout / --keep_tokens change the caption each step, --train_text_encoder needs the captions
     # themselves: only online text encoding can do that.
     changed = args.tag_dropout or args.keep_tokens or args.train_text_encoder

@@ -259,6 +259,8 @@ def test_a_cache_without_captions_is_refused(tiny_sdxl, demo_data, trainer_args,
         (["--text_encoder_lr", "1e-5"], "are for --train_text_encoder"),
         (["--train_text_encoder", "--text_encoder_lr", "0"], "trains neither"),
         (["--train_text_encoder", "--text_encoder_2_lr", "-1"], "must be >= 0"),
+        (["--train_text_encoder", "--lora_weights", "x.safetensors"], "a continued LoRA trains the UNet's"),
+        (["--train_text_encoder", "--lora_rank", "4", "--lora_type", "loha"], "plain LoRA"),
     ],
 )
 def test_text_encoder_flags_are_checked(flags, message, capsys):
