@@ -90,6 +90,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Flags that only make sense together."""
     if bool(args.train_data_dir) == bool(args.dataset_name):
         parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
+    if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
+        parser.error(
+            "--mask_dir and --alpha_mask are for a --train_data_dir folder (masks of dataset rows are not read)"
+        )
     if (args.streaming or args.data_files) and not args.dataset_name:
         parser.error("--streaming and --data_files read a --dataset_name (e.g. --dataset_name webdataset)")
     if args.data_files and not args.streaming:
@@ -124,7 +128,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # Inputs
     if args.train_data_dir:
-        inputs = FolderInputs(args.train_data_dir)
+        inputs = FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask)
     elif args.streaming:
         inputs = StreamingInputs(
             args.dataset_name, args.data_files, args.image_column, args.caption_column, args.dataset_split

@@ -5,18 +5,28 @@ when the captions change each step or the cache holds no embeddings.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from sdxl_ztsnr.base_model import BaseModel
+from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_frequencies, training_tag_weights
 
+if TYPE_CHECKING:
+    from sdxl_ztsnr.text_encoder_training import TrainedTextEncoders
+
 logger = logging.getLogger("train_sdxl_ztsnr")
+
+# The cache's loss masks: "auto" uses them where it has some, "require" refuses a cache without, "ignore" trains
+# every pixel alike (kohya's --masked_loss is "require"; here masks in the cache count without a flag).
+MaskedLoss = Literal["auto", "require", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,15 @@ def open_training_rows(
     seed: int = 0,
     normalize_latents: bool = False,
     num_workers: int = 0,
+    masked_loss: MaskedLoss = "auto",
+    trained_text: TrainedTextEncoders | None = None,
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
-    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None)."""
+    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None). Batches
+    carry a ``loss_mask`` where their rows have masks, unless ``masked_loss`` is "ignore".
+
+    ``trained_text`` (--train_text_encoder): its encoders encode the captions, inside each step; the cache must
+    hold captions (its embeddings, if any, go unused)."""
     from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
@@ -65,7 +81,19 @@ def open_training_rows(
     dataset, metadata, cache_dir = open_cache(cache)
     cached_text = not metadata["settings"]["text_online"]
     text_online = captions.online or not cached_text
-    tokenizers, encoders = load_text_encoders(base.path) if (cached_text or text_online) else (None, None)
+    training_text = trained_text is not None and trained_text.trains
+    if training_text and not has_captions(dataset):
+        raise UserError(
+            f"--train_text_encoder: the cache {cache} holds no captions to encode (its rows have no tags); "
+            "precompute it again from captioned images (name.txt beside each image, or --caption_column), or "
+            "train without --train_text_encoder"
+        )
+    if training_text:
+        tokenizers, encoders = trained_text.tokenizers, trained_text.encoders
+    elif cached_text or text_online:
+        tokenizers, encoders = load_text_encoders(base.path)
+    else:
+        tokenizers, encoders = None, None
     # What the cache depends on must be this model: same VAE, same text encoders (when embeddings are cached).
     expected = model_identity(vae, encoders if cached_text else None)
     if not cached_text:
@@ -74,6 +102,7 @@ def open_training_rows(
         expected["resolution"] = resolution  # a cache made at another resolution is refused, by name
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
+    dataset = _masks_as_asked(dataset, metadata, masked_loss, cache)
     if text_online and not captions.online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
@@ -93,8 +122,12 @@ def open_training_rows(
             raw, tag_weighting.min_weight, tag_weighting.max_weight
         )
 
-    encode = None
-    if text_online:
+    encode = encode_in_step = None
+    if training_text:
+        max_chunks = metadata["settings"]["max_token_chunks"]
+        encode = functools.partial(trained_text.encode, max_chunks=max_chunks)
+        encode_in_step = functools.partial(trained_text.encode_in_step, max_chunks=max_chunks)
+    elif text_online:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         encoders = [e.to(device, dtype) for e in encoders]
         max_chunks = metadata["settings"]["max_token_chunks"]
@@ -119,7 +152,37 @@ def open_training_rows(
         captions.keep_tokens,
         captions.tag_dropout,
         num_workers,
+        encode_in_step,
     )
+
+
+def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, where: str | os.PathLike):
+    """The cache's dataset with its mask column, or without it (so no batch reads or carries one); ``where``
+    names the cache in the error."""
+    masked = metadata["counts"].get("masked", 0) if "mask" in dataset.column_names else 0
+    if masked_loss == "require" and not masked:
+        raise UserError(
+            f"--masked_loss: the cache {where} holds no masks; precompute it from a folder with masks "
+            "(name.mask.png beside the images, --mask_dir or --alpha_mask)"
+        )
+    if masked and masked_loss != "ignore":
+        logger.info(
+            "masked loss: %d of %d rows have a mask (the others weigh 1 everywhere)", masked, len(dataset)
+        )
+        return dataset
+    if masked:
+        logger.info("--no_masked_loss: the cache's masks (%d rows) are not used", masked)
+    return dataset.remove_columns("mask") if "mask" in dataset.column_names else dataset
+
+
+def has_captions(dataset) -> bool:
+    """Whether any row of the cache has a caption (tags) that online encoding can read."""
+    import pyarrow.compute as pc
+
+    if "tags" not in dataset.column_names:
+        return False
+    column = dataset.with_format("arrow")["tags"]
+    return len(column) > 0 and (pc.max(pc.list_value_length(column)).as_py() or 0) > 0
 
 
 def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:
