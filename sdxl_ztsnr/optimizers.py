@@ -666,7 +666,14 @@ def build_training_optimizer(
         check_per_parameter_optimizer(name, "--weights_dtype bf16", "train with --weights_dtype fp32")
         per_parameter = PerParameterOptimizer(params, make, None, bf16_update, seed)
     if per_parameter is None:
-        if name.lower() in ("prodigy", "prodigyopt.prodigy") and learning_rate < 0.1:
+        prodigy = name.lower() in ("prodigy", "prodigyopt.prodigy")
+        if prodigy and len({g["lr"] for g in groups if g["lr"] != 0}) > 1:
+            raise UserError(
+                f"--optimizer {name} takes one learning rate for every trained model (its step size is estimated "
+                f"over all of them; 0 freezes one), got {sorted({g['lr'] for g in groups})}: give "
+                "--text_encoder_lr / --text_encoder_2_lr equal to --learning_rate, or 0"
+            )
+        if prodigy and learning_rate < 0.1:
             logger.warning(
                 "--optimizer %s finds its own step size; --learning_rate (%g) scales it and is usually 1.0",
                 name,

@@ -657,3 +657,32 @@ def test_kohyas_toml_form_of_the_optimizer_flags_reads(tmp_path):
         "momentum": 0.9,
         "nesterov": True,
     }
+
+
+def test_a_named_optimizer_takes_parameter_groups_with_their_learning_rates():
+    """The UNet and each trained text encoder are groups with their own lr (--text_encoder_lr)."""
+    name = "SGD"
+    unet, encoder = [torch.nn.Parameter(torch.ones(3))], [torch.nn.Parameter(torch.ones(4))]
+    optimizer = build_training_optimizer(
+        [{"params": unet, "lr": 0.5}, {"params": encoder, "lr": 0.25}], name, 1.0
+    )
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.25]
+    for p in unet + encoder:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # plain SGD moves by lr × gradient
+    assert torch.allclose(unet[0].detach(), torch.full((3,), 0.5))
+    assert torch.allclose(encoder[0].detach(), torch.full((4,), 0.75))
+
+
+@needs_prodigy
+def test_prodigy_refuses_groups_with_different_learning_rates_in_one_line():
+    """Prodigy itself raises at the first step for them; we say so before the run, naming the flags."""
+    groups = [{"params": [torch.nn.Parameter(torch.ones(3))], "lr": 1.0}]
+    with pytest.raises(UserError, match="--text_encoder_lr"):
+        build_training_optimizer(
+            [*groups, {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5}], "prodigy", 1.0
+        )
+    optimizer = build_training_optimizer(
+        [*groups, {"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1.0}], "Prodigy", 1.0
+    )
+    assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0]
