@@ -11,10 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdxl_ztsnr.base_model import BaseModel
-from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_frequencies, training_tag_weights
+from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.data_config import DataConfig, SourceConfig
+from sdxl_ztsnr.train_data import (
+    SourceCaptions,
+    TrainingRows,
+    source_epoch_counts,
+    split_rows,
+    training_tag_frequencies,
+    training_tag_weights,
+)
 
 logger = logging.getLogger("train_sdxl_ztsnr")
 
@@ -53,9 +63,14 @@ def open_training_rows(
     seed: int = 0,
     normalize_latents: bool = False,
     num_workers: int = 0,
+    data_config: DataConfig | None = None,
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
-    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None)."""
+    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None).
+
+    A cache of several sources samples each source as ``data_config`` says (or, without one, as the config it
+    was made from recorded): repeats or weights, regularisation rows' loss × prior_loss_weight, per-source
+    caption changes (which need online text encoding: ``captions.online``)."""
     from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
@@ -93,6 +108,14 @@ def open_training_rows(
             raw, tag_weighting.min_weight, tag_weighting.max_weight
         )
 
+    sources = _source_rows(metadata, len(dataset), data_config, captions)
+    if sources is not None:
+        row_source, configs = sources["row_source"], sources["configs"]
+        loss = torch.tensor([c.loss_weight for c in configs], dtype=torch.float32)
+        weights = (
+            weights * loss[torch.from_numpy(row_source.astype(np.int64))]
+        )  # regularisation: prior weight
+
     encode = None
     if text_online:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -105,7 +128,7 @@ def open_training_rows(
     mean = std = None
     if normalize_latents:
         mean, std = torch.tensor(metadata["latents_mean"]), torch.tensor(metadata["latents_std"])
-    return TrainingRows(
+    rows = TrainingRows(
         dataset,
         metadata,
         train_ids,
@@ -120,6 +143,69 @@ def open_training_rows(
         captions.tag_dropout,
         num_workers,
     )
+    if sources is not None:
+        rows.row_source, rows.source_names = sources["row_source"], sources["names"]
+        rows.source_captions = sources["captions"]
+        counts = rows.source_row_counts()
+        weighted = any(c.weight is not None for c in sources["configs"])
+        rows.epoch_counts = source_epoch_counts(
+            counts,
+            [c.repeats for c in sources["configs"]],
+            [c.weight for c in sources["configs"]] if weighted else None,
+        )
+        for name, config, n, k in zip(
+            rows.source_names, sources["configs"], counts, rows.epoch_counts, strict=True
+        ):
+            role = (
+                f", regularisation (loss × {config.prior_loss_weight:g})" if config.is_regularisation else ""
+            )
+            logger.info("source %s: %d training rows, %d samples per epoch%s", name, n, k, role)
+    return rows
+
+
+def _source_rows(metadata: dict, num_rows: int, data_config: DataConfig | None, captions: CaptionSettings):
+    """Each row's source and each source's config (from ``data_config``, else as the cache recorded them) and
+    caption rule; None for a single-source cache."""
+    from sdxl_ztsnr.source_cache import row_sources
+
+    if not metadata.get("sources"):
+        if data_config is not None:
+            raise UserError(
+                "--data_config with a cache made from one source: precompute it with --data_config (or drop it)"
+            )
+        return None
+    names, row_source = row_sources(metadata, num_rows)
+    if data_config is None:
+        recorded = [
+            SourceConfig(
+                **{
+                    **e["config"],
+                    "data_files": e["config"].get("data_files") and tuple(e["config"]["data_files"]),
+                }
+            )
+            for e in metadata["sources"]
+        ]
+        configs = recorded
+    else:
+        by_name = data_config.by_name()
+        missing = [n for n in names if n not in by_name]
+        extra = [n for n in by_name if n not in names]
+        if missing or extra:
+            raise UserError(
+                f"--data_config {data_config.path}: its sources ({', '.join(by_name)}) are not the cache's "
+                f"({', '.join(names)}); precompute the cache with this config first"
+            )
+        configs = [by_name[n] for n in names]
+    rules = [
+        SourceCaptions(
+            keep_tokens=captions.keep_tokens if c.keep_tokens is None else c.keep_tokens,
+            shuffle=True if c.shuffle_tags is None else c.shuffle_tags,
+            tag_dropout=captions.tag_dropout if c.tag_dropout is None else c.tag_dropout,
+            caption_dropout=captions.dropout if c.caption_dropout is None else c.caption_dropout,
+        )
+        for c in configs
+    ]
+    return {"names": names, "row_source": row_source, "configs": configs, "captions": rules}
 
 
 def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
-from sdxl_ztsnr.options import add_ema_options, resolve_aliases
+from sdxl_ztsnr.options import add_data_config_option, add_ema_options, resolve_aliases
 
 
 def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -25,6 +25,9 @@ def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._Argu
         default=None,
         help="raw folder of images + .txt tags; precomputed into OUTPUT_DIR/cache first",
     )
+    # Alone: precomputed into OUTPUT_DIR/cache first; with --precomputed_dir: its repeats, weights,
+    # regularisation and caption settings apply to that cache's sources.
+    add_data_config_option(data)
     data.add_argument(
         "--resolution",
         type=int,
@@ -198,12 +201,19 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents)"
         )
     resolve_aliases(args)
-    if (args.precomputed_dir is None) == (args.train_data_dir is None):
+    if args.train_data_dir is not None and (args.precomputed_dir or args.data_config):
+        parser.error("--train_data_dir is one raw folder: give it alone, or use --data_config for several")
+    if not (args.precomputed_dir or args.train_data_dir or args.data_config):
         parser.error(
-            "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
+            "give --precomputed_dir (a latent cache), --train_data_dir (raw images) or --data_config (sources)"
         )
+    changing = bool(args.tag_dropout or args.keep_tokens)
+    if args.data_config:
+        from sdxl_ztsnr.data_config import load_data_config
+
+        changing = changing or load_data_config(args.data_config).online_captions  # fails early on a bad file
     # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
-    args.text_online_implied = bool((args.tag_dropout or args.keep_tokens) and not args.text_online)
+    args.text_online_implied = bool(changing and not args.text_online)
     args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
