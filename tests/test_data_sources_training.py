@@ -237,3 +237,40 @@ def test_resume_mid_epoch_with_sources_equals_unbroken_run(unbroken, tiny_sdxl, 
     unbroken_weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     for key in resumed:
         torch.testing.assert_close(resumed[key], unbroken_weights[key], atol=1e-6, rtol=0)
+
+
+# --- train_vae.py ------------------------------------------------------------------------------------------------
+
+
+def test_train_vae_reads_the_sources_with_their_repeats(tiny_sdxl, data_config, tmp_path, caplog):
+    import logging
+
+    import train_vae
+    from sdxl_ztsnr import vae_data
+    from sdxl_ztsnr.data_config import load_data_config
+
+    images = vae_data.SourceImages(load_data_config(data_config))
+    assert len(images) == 17 and images.source(10).startswith("char/")
+    sources, counts = images.epoch_counts(range(17))
+    assert counts == [
+        10,
+        9,
+        4,
+    ]  # main once, char × 3, reg once (a VAE trains regularisation images as images)
+    caplog.set_level(logging.INFO)
+    argv = [
+        "--pretrained_vae_model_name_or_path", str(tiny_sdxl / "vae"), "--data_config", str(data_config),
+        "--output_dir", str(tmp_path), "--crop_size", "64", "--train_batch_size", "2", "--lpips_net", "alex",
+        "--_lpips_random_backbone", "--dataloader_num_workers", "0", "--max_train_steps", "2",
+        "--validation_steps", "0", "--validation_images", "2",
+    ]  # fmt: skip
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = train_vae.main(train_vae.parse_args(argv))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert result["step"] == 2
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source ")]
+    assert any(m.startswith("source char:") and m.endswith("samples per epoch") for m in logged), logged
+    with pytest.raises(SystemExit):
+        train_vae.parse_args([*argv, "--train_data_dir", str(tmp_path)])
