@@ -346,14 +346,14 @@ def _make_source(where: str, values: dict, path: Path) -> SourceConfig:
 def _finish(path: Path, sources: list[tuple[str, SourceConfig]], notes: list[str]) -> DataConfig:
     if not sources:
         raise UserError(f"{path}: no sources: add a [[datasets]] table with train_data_dir or dataset_name")
+    table = lambda where: where.removeprefix(f"{path}: ")  # noqa: E731  (the file is named once per message)
     seen: dict[str, str] = {}
     for where, source in sources:
         if source.name in seen:
-            raise _bad(
-                where, "name", f"{source.name!r} is also the name of {seen[source.name]}; names are unique"
-            )
+            other = table(seen[source.name])
+            raise _bad(where, "name", f"{source.name!r} is also the name of {other}; names are unique")
         seen[source.name] = where
-    weighted = [where for where, s in sources if s.weight is not None]
+    weighted = [table(where) for where, s in sources if s.weight is not None]
     if weighted and len(weighted) != len(sources):
         unweighted = next(where for where, s in sources if s.weight is None)
         raise _bad(
