@@ -402,18 +402,26 @@ def print_sources(results: list[dict]) -> None:
     pre = {p: [r for r in results if r["what"] == "sources_precompute" and r["sources"] == p] for p in (1, 3)}
     mem = {p: [r for r in results if r["what"] == "sources_memory" and r["sources"] == p] for p in (1, 3)}
     print("\n3 sources against 1 source of the same total (median of the runs; ratio = 3 / 1)")
-    print(f"{'measure':<44}{'1 source':>11}{'3 sources':>11}{'ratio':>8}")
-    one = median([r["images_per_s"] for r in pre[1]])
-    three = median([r["images_per_s"] for r in pre[3]])
+    print(f"{'measure':<52}{'1 source':>10}{'3 sources':>11}{'ratio':>8}   runs (1 | 3)")
+
+    def line(label: str, ones: list[float], threes: list[float]) -> None:
+        a, b = median(ones), median(threes)
+        runs = f"{' '.join(f'{v:.2f}' for v in ones)} | {' '.join(f'{v:.2f}' for v in threes)}"
+        print(f"{label:<52}{a:>10.2f}{b:>11.2f}{b / a:>8.3f}   {runs}")
+
     images = pre[1][0]["images"]
-    print(
-        f"{f'precompute, images/s ({images} images, tiny model, CPU)':<44}{one:>11.2f}{three:>11.2f}{three / one:>8.3f}"
+    line(
+        f"precompute, images/s ({images} images, tiny SDXL, CPU)",
+        [r["images_per_s"] for r in pre[1]],
+        [r["images_per_s"] for r in pre[3]],
     )
     rows = mem[1][0]["rows"]
     for key, label in (("RssAnon", "private"), ("VmHWM", "peak resident")):
-        a = median([r["stages"][-1][key] for r in mem[1]])
-        b = median([r["stages"][-1][key] for r in mem[3]])
-        print(f"{f'trainer data path, {label} MiB ({rows} rows)':<44}{a:>11.1f}{b:>11.1f}{b / a:>8.3f}")
+        line(
+            f"trainer data path, {label} MiB ({rows} rows)",
+            [r["stages"][-1][key] for r in mem[1]],
+            [r["stages"][-1][key] for r in mem[3]],
+        )
 
 
 # --- 3. rows per second -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES_DIR = "sources"
 SOURCE_FILE = "source.json"
+SKIPPED_LISTED = 20  # skipped files named per source in the metadata and training_config.json
 BUCKET_KEYS = ("resolution", "bucket_step", "min_bucket_side", "max_bucket_side")
 # Settings that may differ between sources (everything else must agree for one merged cache).
 PER_SOURCE_SETTINGS = (
@@ -166,9 +167,11 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
             )
         prefix = directory.relative_to(output_dir).as_posix()
         data_files += [{"filename": f"{prefix}/{f['filename']}"} for f in source_state["_data_files"]]
+        first_skipped = len(skipped)
         for line in (directory / cache.SKIPPED_FILE).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 skipped.append({**json.loads(line), "source_name": source.name})
+        skipped_files = [e["path"] for e in skipped[first_skipped : first_skipped + SKIPPED_LISTED]]
         frequencies.update(load_tag_frequencies(directory / cache.TAG_FREQUENCIES_FILE))
         buckets.update(meta["counts"]["buckets"])
         stats.append(WelfordState.from_dict(meta["latent_stats"]))
@@ -181,6 +184,7 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
                 "inputs": counts["inputs"],
                 "skipped": counts["skipped"],
                 "skipped_by_kind": counts["skipped_by_kind"],
+                "skipped_files": skipped_files,  # the first SKIPPED_LISTED; all of them in skipped.jsonl
                 "resolution": meta["settings"]["resolution"],
                 "fingerprint": source.fingerprint(),
                 "config": source.as_dict(),
@@ -271,6 +275,7 @@ def source_summary(metadata: dict) -> list[dict]:
             "inputs": e["inputs"],
             "skipped": e["skipped"],
             "skipped_by_kind": e["skipped_by_kind"],
+            "skipped_files": e.get("skipped_files", []),
         }
         for e in metadata.get("sources", [])
     ]

@@ -196,6 +196,15 @@ def _source_rows(metadata: dict, num_rows: int, data_config: DataConfig | None, 
                 f"({', '.join(names)}); precompute the cache with this config first"
             )
         configs = [by_name[n] for n in names]
+        for entry, config in zip(metadata["sources"], configs, strict=True):
+            if entry.get("fingerprint") not in (None, config.fingerprint()):
+                recorded = entry["config"]
+                changed = [k for k, v in config.encoding_settings().items() if recorded.get(k) != v]
+                raise UserError(
+                    f"--data_config {data_config.path}: source {config.name!r} changed since the cache was made "
+                    f"({', '.join(changed) or 'its encoding settings'}); rerun precompute_latents.py with this "
+                    "config (only that source is re-encoded)"
+                )
     rules = [
         SourceCaptions(
             keep_tokens=captions.keep_tokens if c.keep_tokens is None else c.keep_tokens,

@@ -342,6 +342,7 @@ def test_bad_images_of_one_source_are_skipped_and_counted_by_source(demo_data, m
     by_name = {e["name"]: e for e in metadata["sources"]}
     assert (by_name["main"]["rows"], by_name["main"]["skipped"]) == (4, 1)
     assert (by_name["other"]["rows"], by_name["other"]["skipped"]) == (3, 1)
+    assert [Path(p).name for p in by_name["other"]["skipped_files"]] == ["broken.png"]
     skipped = [json.loads(line) for line in (out / cache.SKIPPED_FILE).read_text().splitlines()]
     assert sorted((s["source_name"], Path(s["path"]).name) for s in skipped) == [
         ("main", "nocaption.png"),
@@ -369,3 +370,67 @@ def test_caption_from_filename_and_instance_prompt_fallback(demo_data, models, t
         prompts[f"db/{caption.stem}.png"] == "sks dog" or prompts.get(f"db/{caption.stem}.jpg") == "sks dog"
     )
     assert metadata["counts"]["skipped"] == 0
+
+
+def test_two_processes_build_the_cache_one_process_builds(demo_data, models, tiny_sdxl, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folders = split_demo(demo_data, tmp_path / "data", {"main": 12, "char": 5})
+    path = _write(
+        tmp_path,
+        f'[[datasets]]\nname = "main"\ntrain_data_dir = "{folders["main"]}"\n'
+        f'[[datasets]]\nname = "char"\ntrain_data_dir = "{folders["char"]}"\nrepeats = 4\n',
+    )
+    single = tmp_path / "single"
+    _run(path, single, models)
+    out = tmp_path / "two"
+    repo = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", "1", str(repo / "precompute_latents.py"),
+        "--data_config", str(path), "--model_path", str(tiny_sdxl), "--output_dir", str(out),
+        "--resolution", "128", "--bucket_step", "32", "--shard_size", "8", "--num_workers", "0", "--no_progress",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "source char: 5 rows from 5 inputs" in done.stdout
+    (got, got_meta), (want, want_meta) = cache.load_cache(out), cache.load_cache(single)
+    assert got["source"] == want["source"] and got["prompt"] == want["prompt"]
+    assert [(e["name"], e["first_row"], e["rows"]) for e in got_meta["sources"]] == [
+        (e["name"], e["first_row"], e["rows"]) for e in want_meta["sources"]
+    ]
+    a, b = cache.rows_as_tensors(got, range(len(got))), cache.rows_as_tensors(want, range(len(want)))
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x["latents"], y["latents"], rtol=0, atol=1e-3)
+
+
+def test_mask_keys_reach_the_folder_source_or_are_refused(tmp_path, monkeypatch):
+    import inspect
+
+    from sdxl_ztsnr import inputs as inputs_module
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = _write(
+        tmp_path, f'[[datasets]]\ntrain_data_dir = "{folder}"\nmask_dir = "masks"\nalpha_mask = true\n'
+    )
+    source = load_data_config(path).sources[0]
+    assert source.mask_dir == str(tmp_path / "masks") and source.alpha_mask
+    if "mask_dir" not in inspect.signature(inputs_module.FolderInputs.__init__).parameters:
+        with pytest.raises(UserError, match=r"source 'images': mask_dir: masked loss is not available"):
+            open_source(source, str(path))
+    seen = {}
+
+    class MaskFolder:  # a folder source that takes masks: the keys are passed through
+        kind = "folder"
+
+        def __init__(self, root, mask_dir=None, alpha_mask=False):
+            seen.update(root=root, mask_dir=mask_dir, alpha_mask=alpha_mask)
+
+    monkeypatch.setattr("sdxl_ztsnr.source_inputs.FolderInputs", MaskFolder)
+    open_source(source, str(path))
+    assert seen == {"root": str(folder), "mask_dir": str(tmp_path / "masks"), "alpha_mask": True}

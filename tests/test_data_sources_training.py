@@ -214,6 +214,48 @@ def test_trainer_reads_the_sources_and_reports_them(unbroken, tiny_sdxl):
     assert batches > 4 * 1, "the resume test needs step 2 to be in the middle of an epoch"
 
 
+def test_a_cache_trained_with_an_edited_config_is_refused_naming_the_source(
+    unbroken, tiny_sdxl, trainer_args, tmp_path
+):
+    from sdxl_ztsnr.console import UserError
+
+    out, _, args = unbroken
+    edited = tmp_path / "datasets.toml"
+    text = open(args.data_config, encoding="utf-8").read()
+    edited.write_text(
+        text.replace('caption_prefix = "mychar, "', 'caption_prefix = "other, "'), encoding="utf-8"
+    )
+    again = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--precomputed_dir",
+        str(out / "cache"),
+        "--data_config",
+        str(edited),
+        *SOURCE_ARGS,
+    )
+    accelerator = train_sdxl_ztsnr.make_accelerator(again)
+    with pytest.raises(UserError, match=r"source 'char' changed since the cache was made \(caption_prefix\)"):
+        train_sdxl_ztsnr.load_training_data(
+            again, accelerator, train_sdxl_ztsnr.base_model(again, accelerator)
+        )
+    # training-time settings may change freely: repeats 3 -> 5
+    edited.write_text(text.replace("repeats = 3", "repeats = 5"), encoding="utf-8")
+    again = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--precomputed_dir",
+        str(out / "cache"),
+        "--data_config",
+        str(edited),
+        *SOURCE_ARGS,
+    )
+    data = train_sdxl_ztsnr.load_training_data(
+        again, accelerator, train_sdxl_ztsnr.base_model(again, accelerator)
+    )
+    assert data.epoch_counts == [10, 15, 4]
+
+
 def test_resume_mid_epoch_with_sources_equals_unbroken_run(unbroken, tiny_sdxl, trainer_args, tmp_path):
     out, _, _ = unbroken
     shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
