@@ -171,7 +171,9 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
         for line in (directory / cache.SKIPPED_FILE).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 skipped.append({**json.loads(line), "source_name": source.name})
-        skipped_files = [e["path"] for e in skipped[first_skipped : first_skipped + SKIPPED_LISTED]]
+        skipped_files = [
+            _named_path(e["path"], source) for e in skipped[first_skipped : first_skipped + SKIPPED_LISTED]
+        ]
         frequencies.update(load_tag_frequencies(directory / cache.TAG_FREQUENCIES_FILE))
         buckets.update(meta["counts"]["buckets"])
         stats.append(WelfordState.from_dict(meta["latent_stats"]))
@@ -250,6 +252,17 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
         )
     cache.write_json_atomic(output_dir / cache.METADATA_FILE, result)
     return result
+
+
+def _named_path(path: str, source: SourceConfig) -> str:
+    """A skipped file as ``<name>/<path under the source's folder>``: reports that may be published (the model
+    card's training_config.json) name no folder of this machine."""
+    if source.train_data_dir:
+        try:
+            return f"{source.name}/{Path(path).relative_to(source.train_data_dir).as_posix()}"
+        except ValueError:
+            pass
+    return path if path.startswith(f"{source.name}/") else f"{source.name}/{Path(path).name}"
 
 
 def row_sources(metadata: dict, num_rows: int) -> tuple[list[str], np.ndarray]:
