@@ -198,7 +198,8 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--vae_learning_rate and --vae_max_train_steps are for the --finetune_vae stage")
     if args.finetune_vae and not args.train_data_dir:
         parser.error(
-            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents)"
+            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents; for "
+            "several sources run train_vae.py --data_config after the UNet run)"
         )
     resolve_aliases(args)
     if args.train_data_dir is not None and (args.precomputed_dir or args.data_config):
