@@ -256,6 +256,37 @@ def test_a_cache_trained_with_an_edited_config_is_refused_naming_the_source(
     assert data.epoch_counts == [10, 15, 4]
 
 
+def test_caption_dropout_per_source(unbroken, tiny_sdxl, trainer_args, tmp_path):
+    from sdxl_ztsnr.train_data import _BatchReader
+
+    out, _, args = unbroken
+    text = open(args.data_config, encoding="utf-8").read()
+    edited = tmp_path / "datasets.toml"
+    edited.write_text(
+        text.replace('caption_prefix = "mychar, "', 'caption_prefix = "mychar, "\ncaption_dropout = 1.0')
+    )
+    again = trainer_args(
+        tiny_sdxl,
+        tmp_path,
+        "--precomputed_dir",
+        str(out / "cache"),
+        "--data_config",
+        str(edited),
+        *SOURCE_ARGS,
+    )
+    accelerator = train_sdxl_ztsnr.make_accelerator(again)
+    data = train_sdxl_ztsnr.load_training_data(
+        again, accelerator, train_sdxl_ztsnr.base_model(again, accelerator)
+    )
+    names = [data.source_names[s] for s in data.row_source[data.train_ids]]
+    reader = _BatchReader(data.dataset, data.train_ids, data.pad_chunk, data.sample_weights, with_tags=False)
+    dropped = []
+    for position in range(len(names)):  # one row a batch: a batch holds one bucket
+        batch = data._finish(reader[[position]], torch.device("cpu"), (0, position, [0]))
+        dropped.append(bool(batch["pooled_prompt_embeds"].abs().sum() == 0))
+    assert dropped == [n == "char" for n in names]  # every char caption dropped, no other
+
+
 def test_resume_mid_epoch_with_sources_equals_unbroken_run(unbroken, tiny_sdxl, trainer_args, tmp_path):
     out, _, _ = unbroken
     shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-2")
