@@ -150,7 +150,11 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
     shared = None
     for source in config:
         directory, meta = source_dir(output_dir, source.name), metadata[source.name]
-        settings = {k: v for k, v in meta["settings"].items() if k not in PER_SOURCE_SETTINGS}
+        settings = {  # a stream's split (stream_*) is its own as well
+            k: v
+            for k, v in meta["settings"].items()
+            if k not in PER_SOURCE_SETTINGS and not k.startswith("stream_")
+        }
         if shared is None:
             shared = settings
         else:

@@ -1,4 +1,5 @@
 """A data-config source as precompute's input: the folder, dataset or stream it names, with its own captions.
+A streamed source names its rows the same way (`NamedStreamingInputs`) and takes its captions as they are.
 
 `ConfiguredInputs` wraps a FolderInputs/DatasetInputs: every row's source becomes ``"<name>/<path>"`` (one image
 identity across sources, the source readable from the row), captions come from the caption file (any extension;
@@ -17,11 +18,24 @@ from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.data_config import SourceConfig
 from sdxl_ztsnr.images import BadInputError, load_image, read_caption
 from sdxl_ztsnr.inputs import DatasetInputs, FolderInputs
+from sdxl_ztsnr.streaming_inputs import StreamingInputs
 
 
 def filename_caption(path: Path) -> str:
     """SimpleTuner's "filename" strategy: the file's stem, underscores as spaces."""
     return " ".join(path.stem.replace("_", " ").split())
+
+
+class NamedStreamingInputs(StreamingInputs):
+    """A streamed source of a data config: rows named ``"<name>/<tar>/<key>"`` like the other sources' rows."""
+
+    source_name = ""
+
+    def source(self, example: dict, rank: int, position: int) -> str:
+        return f"{self.source_name}/{super().source(example, rank, position)}"
+
+    def describe(self) -> dict:
+        return {**super().describe(), "source_name": self.source_name}
 
 
 class ConfiguredInputs:
@@ -99,21 +113,21 @@ def open_source(config: SourceConfig, where: str = ""):
 
 
 def _open_source(config: SourceConfig, where: str):
-    from sdxl_ztsnr.streaming_inputs import StreamingInputs  # imports datasets' streaming machinery
-
     if config.kind == "stream":
         if config.caption_from != "file" or config.caption_prefix or config.caption_suffix:
             raise UserError(
                 f"{where}: caption_from/caption_prefix/caption_suffix are not supported for a streamed source; "
                 "write the captions into the stream"
             )
-        return StreamingInputs(
+        stream = NamedStreamingInputs(
             config.dataset_name,
             list(config.data_files) if config.data_files else None,
             config.image_column,
             config.caption_column,
             config.dataset_split,
         )
+        stream.source_name = config.name
+        return stream
     if config.kind == "folder":
         extra = {}
         accepted = inspect.signature(FolderInputs.__init__).parameters

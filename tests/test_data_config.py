@@ -434,3 +434,37 @@ def test_mask_keys_reach_the_folder_source_or_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr("sdxl_ztsnr.source_inputs.FolderInputs", MaskFolder)
     open_source(source, str(path))
     assert seen == {"root": str(folder), "mask_dir": str(tmp_path / "masks"), "alpha_mask": True}
+
+
+def test_a_streamed_webdataset_source_beside_a_folder(demo_data, models, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folders = split_demo(demo_data, tmp_path / "data", {"main": 4, "stream": 5})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:  # key.jpg + key.txt, as img2dataset writes them
+        for i, image in enumerate(sorted(p for p in folders["stream"].iterdir() if p.suffix != ".txt")):
+            buffer = io.BytesIO()
+            with Image.open(image) as pixels:
+                pixels.convert("RGB").save(buffer, "JPEG", quality=95)
+            for name, data in (
+                (f"{i:06d}.jpg", buffer.getvalue()),
+                (f"{i:06d}.txt", image.with_suffix(".txt").read_bytes()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = _write(
+        tmp_path,
+        f'[[datasets]]\nname = "main"\ntrain_data_dir = "{folders["main"]}"\n'
+        f'[[datasets]]\nname = "web"\ndataset_name = "webdataset"\nstreaming = true\n'
+        f'data_files = ["{shards}/{{00000..00000}}.tar"]\nrepeats = 2\n',
+    )
+    out = tmp_path / "cache"
+    _run(path, out, models)
+    dataset, metadata = cache.load_cache(out)
+    assert [(e["name"], e["rows"]) for e in metadata["sources"]] == [("main", 4), ("web", 5)]
+    assert all(s.startswith("web/00000.tar/") for s in dataset["source"][4:])
