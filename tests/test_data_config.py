@@ -300,9 +300,18 @@ caption_prefix = "mychar, "
         r["source"].startswith("char/") for r in rows[10:]
     )
     assert all(r["prompt"].startswith("mychar, ") for r in rows[10:])
-    assert "mychar, red hair, smile\nmychar, blue hair" in [
-        r["prompt"] for r in rows[10:]
-    ]  # one caption per line
+    prompts = [r["prompt"] for r in rows[10:]]
+    assert "mychar, red hair, smile\nmychar, blue hair" in prompts  # one caption per line
+    # with cached text the first line is what is encoded (the others need --text_online)
+    from sdxl_ztsnr.text_encoding import encode_prompts
+
+    row = next(i for i, r in enumerate(rows) if "\n" in r["prompt"])
+    stored = cache.rows_as_tensors(dataset, [row])[0]["pooled_prompt_embeds"].float()
+    first, both = (
+        encode_prompts([p], *models[1:], 3)[1][0] for p in ("mychar, red hair, smile", rows[row]["prompt"])
+    )
+    torch.testing.assert_close(stored, first, atol=2e-3, rtol=0)
+    assert not torch.allclose(stored, both, atol=2e-3)
 
     # Training-time settings (repeats) change nothing on disk; an encoding setting re-encodes that source alone.
     main_files = _arrow_files(out, "main")
