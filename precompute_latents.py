@@ -91,6 +91,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Flags that only make sense together."""
     if sum(map(bool, (args.train_data_dir, args.dataset_name, args.data_config))) != 1:
         parser.error("give exactly one of --train_data_dir (--data_dir), --dataset_name or --data_config")
+    if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
+        parser.error(
+            "--mask_dir and --alpha_mask are for a --train_data_dir folder (masks of dataset rows are not read; "
+            "with --data_config give mask_dir / alpha_mask per source)"
+        )
     if (args.streaming or args.data_files) and not args.dataset_name:
         parser.error("--streaming and --data_files read a --dataset_name (e.g. --dataset_name webdataset)")
     if args.data_files and not args.streaming:
@@ -130,7 +135,7 @@ def main(args: argparse.Namespace) -> dict:
         for note in inputs.notes:
             print(note, flush=True)
     elif args.train_data_dir:
-        inputs = FolderInputs(args.train_data_dir)
+        inputs = FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask)
     elif args.streaming:
         inputs = StreamingInputs(
             args.dataset_name, args.data_files, args.image_column, args.caption_column, args.dataset_split

@@ -112,7 +112,9 @@ def precompute_raw_data(args: argparse.Namespace, base: BaseModel) -> Path:
 
     cache_dir = Path(args.output_dir) / "cache"
     result = run_precompute(
-        load_data_config(args.data_config) if args.data_config else FolderInputs(args.train_data_dir),
+        load_data_config(args.data_config)
+        if args.data_config
+        else FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask),
         cache_dir,
         base.path,
         base.vae_path,
@@ -180,7 +182,8 @@ def load_training_data(args: argparse.Namespace, accelerator, base: BaseModel) -
         args.seed,
         args.normalize_latents,
         args.dataloader_num_workers,
-        data_config,
+        "require" if args.masked_loss else "ignore" if args.no_masked_loss else "auto",
+        data_config=data_config,
     )
 
 

@@ -70,6 +70,14 @@ def bucket_for(height: int, width: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=key)
 
 
+def cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+    """(width, height) a width × height image is resized to so it covers the bucket (height, width), aspect kept."""
+    bucket_h, bucket_w = bucket
+    scale = max(bucket_h / height, bucket_w / width)
+    # The covering side is exact; max() guards the other against rounding below the bucket.
+    return max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+
+
 def resize_to_bucket(
     image: Image.Image,
     bucket: Bucket,
@@ -91,10 +99,7 @@ def resize_to_bucket(
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ValueError(f"image has an empty size {image.size}")
-    scale = max(bucket_h / height, bucket_w / width)
-    # The covering side is exact; max() guards the other against rounding below the bucket.
-    new_w = max(bucket_w, round(width * scale))
-    new_h = max(bucket_h, round(height * scale))
+    new_w, new_h = cover_size(width, height, bucket)
     if (new_w, new_h) != (width, height):
         # reducing_gap=3 first box-reduces large downscales; PIL documents it as indistinguishable from
         # plain Lanczos at that gap, and it is much faster for 4K+ sources.

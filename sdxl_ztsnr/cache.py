@@ -17,7 +17,9 @@ Columns (fp16 tensors as nested lists, so any datasets formatter returns them in
     chunk count; pooled_prompt_embeds (P,); original_size, crop_top_left, target_size, bucket as
     [height, width]; tags list[str]; prompt str (the text encoded); source str (the image path relative to
     the data folder, "dataset_name[index]", or for a stream "<tar>/<key>" or "dataset_name[r<rank>:<i>]");
-    flipped bool.
+    flipped bool; mask (h, w) uint8 latent-size loss weights (masks.py), null for a row without a mask, and
+    only in a cache made from a folder with masks (older caches and mask-less ones lack the column and still
+    load: the format version is unchanged, the settings record the masks under "masks").
 Nested lists of fixed rank keep every column a plain arrow type (parquet, polars and the Hub viewer read
 it). datasets' torch formatter turns a 1024², 3-chunk row into float32 tensors in ~15 ms; `rows_as_tensors`
 reads the same rows straight from arrow as fp16 in ~1 ms (the fast path for training).
@@ -72,6 +74,7 @@ def skip_kind(reason: str) -> str:
     """Short category of a skip reason, for the summary (paths in the reason are ignored)."""
     text = re.sub(r"\S*[/\\]\S*", "<path>", reason).lower()
     for needle, kind in (
+        ("mask", "bad mask"),  # first: a bad mask file's reason also says why its decode failed
         ("0 bytes", "empty file"),
         ("decompression bomb", "decompression bomb"),
         ("missing caption", "missing caption"),
@@ -105,8 +108,11 @@ def model_identity(vae: torch.nn.Module, text_encoders: Sequence[torch.nn.Module
     return identity
 
 
-def cache_features(latent_channels: int, embed_dim: int | None, pooled_dim: int | None) -> datasets.Features:
-    """Column types; embed_dim/pooled_dim None leaves out the text embeddings (--text_online)."""
+def cache_features(
+    latent_channels: int, embed_dim: int | None, pooled_dim: int | None, masks: bool = False
+) -> datasets.Features:
+    """Column types; embed_dim/pooled_dim None leaves out the text embeddings (--text_online), masks False
+    the mask column."""
     f16 = datasets.Value("float16")
     columns = {
         # (C, h, w): only C is fixed, h and w vary by bucket
@@ -122,6 +128,8 @@ def cache_features(latent_channels: int, embed_dim: int | None, pooled_dim: int 
     columns["prompt"] = datasets.Value("string")
     columns["source"] = datasets.Value("string")
     columns["flipped"] = datasets.Value("bool")
+    if masks:
+        columns["mask"] = datasets.List(datasets.List(datasets.Value("uint8")))  # (h, w), null: no mask
     return datasets.Features(columns)
 
 
@@ -164,6 +172,16 @@ def rows_to_dataset(rows: Sequence[dict], features: datasets.Features) -> datase
         values = [row[field.name] for row in rows]
         if field.name in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
             arrays.append(_nested_list_array([np.asarray(v) for v in values], field.type))
+        elif field.name == "mask":  # nullable: the rows with a mask, then nulls taken in between
+            present = [np.asarray(v) for v in values if v is not None]
+            where, position = [], 0
+            for value in values:
+                where.append(None if value is None else position)
+                position += value is not None
+            if not present:
+                arrays.append(pa.nulls(len(values), field.type))
+            else:
+                arrays.append(_nested_list_array(present, field.type).take(pa.array(where, pa.int64())))
         else:
             arrays.append(pa.array(values, type=field.type))
     table = pa.Table.from_arrays(arrays, schema=schema)
@@ -197,6 +215,10 @@ def rows_as_tensors(dataset: datasets.Dataset, indices: Sequence[int]) -> list[d
         if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
             if name == "tags":
                 columns[name] = column.to_pylist()
+            elif column.null_count:  # the mask column: None where a row has none
+                valid = column.is_valid().to_numpy(zero_copy_only=False)
+                arrays = iter(_list_to_numpy(column.filter(pa.array(valid))))
+                columns[name] = [torch.from_numpy(next(arrays).copy()) if v else None for v in valid]
             else:
                 columns[name] = [torch.from_numpy(a.copy()) for a in _list_to_numpy(column)]
                 if name in SIZE_COLUMNS:
@@ -570,6 +592,7 @@ def finalize_cache(
             "skipped_by_kind": by_kind,
             "upscaled": sum(s["upscaled"] for s in ordered),
             "truncated_prompts": sum(s["truncated_prompts"] for s in ordered),
+            "masked": sum(s.get("masked", 0) for s in ordered),  # rows with a loss mask
             "buckets": dict(buckets.most_common()),
             "shards": len(summaries),
         },

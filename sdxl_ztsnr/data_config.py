@@ -193,6 +193,7 @@ _ALIASES = {
     "min_bucket_reso": "min_bucket_side",
     "max_bucket_reso": "max_bucket_side",
     "probability": "weight",
+    "conditioning_data_dir": "mask_dir",  # kohya's masked loss reads its masks from there
 }
 # kohya keys that change nothing here: noted in the log, then ignored.
 _IGNORED = {
@@ -215,7 +216,6 @@ _REFUSED = {
     "secondary_separator": "tags are separated by commas (or lines)",
     "caption_dropout_every_n_epochs": "use caption_dropout (a per-step probability)",
     "metadata_file": "kohya's fine-tuning metadata JSON is not read; use caption files or an HF dataset",
-    "conditioning_data_dir": "ControlNet data is not supported",
     "network_multiplier": "per-dataset network multipliers are not supported",
 }
 _SOURCE_ONLY = {"name", "train_data_dir", "dataset_name", "data_files", "instance_prompt", "mask_dir"}

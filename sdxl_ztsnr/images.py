@@ -125,6 +125,31 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     of loading half gray. `max_pixels` (width × height) guards against decompression bombs before decoding;
     PIL's own Image.MAX_IMAGE_PIXELS warning limit applies too (see DEFAULT_MAX_PIXELS).
     """
+    image = decode_image(path, max_pixels)
+    try:
+        return _to_rgb(image)
+    except Exception as e:
+        raise BadInputError(path, f"cannot convert mode {image.mode} to RGB: {e}") from None
+
+
+def load_image_and_alpha(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB image as load_image gives it, its alpha as an "L" image or None without transparency) from one
+    decode; raises BadInputError. The alpha of a transparency key (palette, tRNS) counts."""
+    image = decode_image(path, max_pixels)
+    try:
+        alpha = None
+        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+            alpha = image.convert("RGBA").getchannel("A")
+        return _to_rgb(image), alpha
+    except Exception as e:
+        raise BadInputError(path, f"cannot convert mode {image.mode} to RGB: {e}") from None
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `path` fully in its own mode, EXIF orientation applied (load_image's checks); raises
+    BadInputError."""
     path = Path(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some libraries flip this global; with it on, truncated files decode to gray and pass silently.
@@ -142,10 +167,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         except Exception:
             # Malformed EXIF is common in scraped data and usually carries no rotation; keep the pixels.
             pass
-        try:
-            return _to_rgb(image)
-        except Exception as e:
-            raise BadInputError(path, f"cannot convert mode {image.mode} to RGB: {e}") from None
+        return image
 
 
 def read_caption(image_path: str | os.PathLike, allow_empty: bool = False, extension: str = ".txt") -> str:

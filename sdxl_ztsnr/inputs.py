@@ -8,6 +8,7 @@ input: it returns the item with its reason, so a 10-hour precompute skips and li
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Sequence
@@ -28,25 +29,42 @@ from sdxl_ztsnr.images import (
     load_image,
     read_caption,
 )
+from sdxl_ztsnr.masks import crop_mask, latent_mask, load_image_and_mask, masks_in_dir, split_mask_files
 from sdxl_ztsnr.tags import parse_tags
 
 
 class FolderInputs:
-    """Images under `root` (recursive) with a `<stem>.txt` caption beside each; source = path under root."""
+    """Images under `root` (recursive) with a `<stem>.txt` caption beside each; source = path under root.
+
+    Masks for the masked loss (see masks.py): from `mask_dir` (same relative name), a `<stem>.mask.png` beside
+    the image, or with `alpha_mask` the image's alpha channel; mask files are never samples themselves.
+    """
 
     kind = "folder"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, mask_dir: str | None = None, alpha_mask: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(
                 f"--train_data_dir {self.root}: no such folder; pass the folder of images and their .txt captions"
             )
-        self.paths = find_images(self.root)
+        files = find_images(self.root)
+        self.mask_dir, self.alpha_mask = (Path(mask_dir) if mask_dir else None), alpha_mask
+        if self.mask_dir is not None:
+            if not self.mask_dir.is_dir():
+                raise UserError(f"--mask_dir {self.mask_dir}: no such folder; pass the folder of mask images")
+            inside, root = self.mask_dir.resolve(), self.root.resolve()
+            if inside.is_relative_to(root):  # a mask_dir under root: its masks are not samples
+                prefix = self.root / inside.relative_to(root)
+                files = [p for p in files if not p.is_relative_to(prefix)]
+        self.paths, beside = split_mask_files(files)
         if not self.paths:
             raise UserError(
                 f"--train_data_dir {self.root}: no .png/.jpg/.jpeg/.webp images found (recursive)"
             )
+        in_dir = masks_in_dir(self.mask_dir, self.root, self.paths) if self.mask_dir is not None else {}
+        found = {**beside, **in_dir}  # mask_dir, when given, wins over a mask beside the image
+        self.masks: dict[int, Path] = {i: found[p] for i, p in enumerate(self.paths) if p in found}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,8 +78,36 @@ class FolderInputs:
         caption = read_caption(path, allow_empty=allow_empty)
         return load_image(path, max_pixels=max_pixels), caption, str(path)
 
+    def load_masked(
+        self, index: int, max_pixels: int, allow_empty: bool
+    ) -> tuple[Image.Image, Image.Image | None, str, str]:
+        """(RGB image, "L" mask of its size or None, caption, path); raises BadInputError (a bad mask too)."""
+        path = self.paths[index]
+        caption = read_caption(path, allow_empty=allow_empty)
+        image, mask = load_image_and_mask(path, self.masks.get(index), self.alpha_mask, max_pixels)
+        return image, mask, caption, str(path)
+
+    def mask_settings(self) -> dict:
+        """What the cache's masks depend on ({} without any: the settings of a cache made before masks)."""
+        if not (self.masks or self.alpha_mask):
+            return {}
+        names = [f"{self.source(i)}\0{self.masks[i].name}" for i in sorted(self.masks)]
+        digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
+        return {
+            "masks": {
+                "mask_files": len(self.masks),
+                "mask_fingerprint": digest,
+                "alpha_mask": self.alpha_mask,
+            }
+        }
+
     def describe(self) -> dict:
-        return {"train_data_dir": str(self.root)}
+        masks = {"mask_dir": str(self.mask_dir)} if self.mask_dir is not None else {}
+        return {
+            "train_data_dir": str(self.root),
+            **masks,
+            **({"alpha_mask": True} if self.alpha_mask else {}),
+        }
 
 
 class DatasetInputs:
@@ -144,14 +190,20 @@ def prepare_input(
     min_image_side: int = 0,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     allow_empty_captions: bool = False,
+    mask_scale: int = 8,
 ) -> dict:
     """Load, bucket and crop one input: {"index", "source", "skipped": (path, reason) | None, "prompt",
     "tags", "upscaled", "samples": [{"pixels" (H, W, 3) uint8, "original_size", "crop_top_left",
-    "bucket", "flipped"}]}. Never raises for bad input."""
+    "bucket", "flipped", "mask" (H/mask_scale, W/mask_scale) uint8 or None}]}. Never raises for bad input.
+    A source with masks has ``load_masked`` (FolderInputs); the mask follows the image's flip and crop."""
     source = inputs.source(index)
     item = {"index": index, "source": source, "skipped": None, "samples": [], "prompt": "", "tags": []}
     try:
-        image, caption, path = inputs.load(index, max_image_pixels, allow_empty_captions)
+        load_masked = getattr(inputs, "load_masked", None)
+        if load_masked is not None:
+            image, mask, caption, path = load_masked(index, max_image_pixels, allow_empty_captions)
+        else:
+            (image, caption, path), mask = inputs.load(index, max_image_pixels, allow_empty_captions), None
         # A data-config source keeps each line of a caption as its own caption (one is picked per step).
         lines = (
             [parse_tags(line) for line in caption.split("\n")]
@@ -176,6 +228,14 @@ def prepare_input(
             rng = random.Random(f"{seed}:{source}") if crop == "random" else None  # same crop on every run
             cropped, crop_top_left = resize_to_bucket(source_image, bucket, crop=crop, rng=rng)
             pixels = torch.from_numpy(np.array(cropped, dtype=np.uint8))  # (H, W, 3), RGB from load_image
+            latent_weights = None
+            if mask is not None:  # (H/8, W/8) uint8: the loss weights at latent size
+                latent_weights = latent_mask(crop_mask(mask, bucket, crop_top_left, flipped), mask_scale)
+                if not latent_weights.any():
+                    raise BadInputError(
+                        path, "the mask is all black inside the bucket's crop: nothing to train"
+                    )
+                latent_weights = torch.from_numpy(latent_weights)
             item["samples"].append(
                 {
                     "pixels": pixels,
@@ -183,6 +243,7 @@ def prepare_input(
                     "crop_top_left": crop_top_left,
                     "bucket": tuple(bucket),
                     "flipped": flipped,
+                    "mask": latent_weights,
                 }
             )
         prompt = "\n".join(", ".join(line) for line in lines) if len(lines) > 1 else ", ".join(tags)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from sdxl_ztsnr.masks import masked_per_sample_mse
 from sdxl_ztsnr.schedule import LossWeighting, add_noise, loss_weights, v_target
 
 PredictionType = Literal["v_prediction", "epsilon"]
@@ -47,14 +48,19 @@ def weighted_loss(
     weighting: LossWeighting = "min_snr",
     snr_gamma: float = 5.0,
     sample_weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one place the loss is formed: mean over the batch of MSE × timestep weight × tag weight.
 
     Returns (scalar loss, per-sample unweighted MSE (B,)) — the second for logging and validation.
     ``weighting`` applies to v-prediction; the ε-prediction ablation uses uniform weights.
-    ``sample_weights`` (B,) are the NAI tag-based loss weights (dataset mean 1).
+    ``sample_weights`` (B,) are the NAI tag-based loss weights (dataset mean 1). ``loss_mask`` (B, 1, h, w)
+    weighs the MSE per latent pixel, scaled to mean 1 per sample (masks.py): the other weights keep their scale.
     """
-    mse = per_sample_mse(prediction, batch.target)
+    if loss_mask is None:
+        mse = per_sample_mse(prediction, batch.target)
+    else:
+        mse = masked_per_sample_mse(prediction, batch.target, loss_mask)
     if batch.prediction_type == "v_prediction":
         weights = loss_weights(batch.alpha_bar_t, weighting, snr_gamma)
     else:

@@ -99,6 +99,7 @@ def add_image_source_options(
         data.add_argument(
             "--min_image_side", type=int, default=0, help="skip images with a shorter side (px); 0 upscales"
         )
+        add_mask_source_options(data, "")
     data.add_argument("--max_image_pixels", type=int, default=None, help="decompression-bomb limit (w·h)")
     return data
 
@@ -111,6 +112,22 @@ def add_data_config_option(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="a TOML of [[datasets]] tables, one source each (kohya's [[datasets.subsets]] and SimpleTuner's "
         "backend JSON are read too): instead of --train_data_dir / --dataset_name; see the README's Datasets",
+    )
+
+
+def add_mask_source_options(group: argparse._ArgumentGroup, what: str) -> None:
+    """Where a folder's loss masks come from (masks.py); name.mask.png beside an image needs no flag."""
+    group.add_argument(
+        "--mask_dir",
+        "--conditioning_data_dir",
+        default=None,
+        help=f"{what}folder of loss masks named as the images (white trains, black is ignored); default: "
+        "name.mask.png beside name.png",
+    )
+    group.add_argument(
+        "--alpha_mask",
+        action="store_true",
+        help=f"{what}an image's alpha channel is its loss mask (where it has no mask file)",
     )
 
 

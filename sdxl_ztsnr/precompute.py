@@ -139,6 +139,7 @@ class _ShardBuilder:
             "buckets": dict(Counter(f"{r['bucket'][0]}x{r['bucket'][1]}" for r in self.rows)),
             "upscaled": self.upscaled,
             "truncated_prompts": self.truncated,
+            "masked": sum(r["mask"] is not None for r in self.rows),
             "seconds": time.time() - self.started,
         }
 
@@ -232,8 +233,16 @@ class _Encoder:
                 "prompt": item["prompt"],
                 "source": item["source"],
                 "flipped": sample["flipped"],
+                "mask": None,
                 "_order": (item["index"], sample["flipped"]),
             }
+            if sample.get("mask") is not None:
+                mask = sample["mask"].numpy()  # (h, w) uint8 loss weights, made by the workers
+                if mask.shape != latents.shape[2:]:
+                    raise RuntimeError(
+                        f"mask {mask.shape} is not the latents' size {tuple(latents.shape[2:])}"
+                    )
+                row["mask"] = mask
             if chunks is not None:
                 row["prompt_embeds"] = outputs[1][i, : chunks[i] * CHUNK_LENGTH].numpy()
                 row["pooled_prompt_embeds"] = outputs[2][i].numpy()
@@ -394,6 +403,8 @@ def precompute(
             "inputs_fingerprint": _fingerprint(sources),
         }
     )
+    # {} for inputs without masks, so a cache made before masks existed keeps matching its settings.
+    mask_settings = getattr(inputs, "mask_settings", dict)()
     text_dtype = None if text_encoders is None else str(next(text_encoders[0].parameters()).dtype)
     settings = {
         "format_version": cache.FORMAT_VERSION,
@@ -418,6 +429,7 @@ def precompute(
         "max_image_pixels": max_image_pixels,
         "allow_empty_captions": allow_empty_captions,
         **input_settings,
+        **mask_settings,
         "shard_size": shard_size,
     }
     info = {"input": inputs.describe(), **(info or {})}
@@ -440,13 +452,14 @@ def precompute(
         min_image_side=min_image_side,
         max_image_pixels=max_image_pixels,
         allow_empty_captions=allow_empty_captions,
+        mask_scale=2 ** (len(vae.config.block_out_channels) - 1),  # the VAE's downsampling (8 for SDXL)
     )
     encoder = _Encoder(vae, tokenizers, text_encoders, max_token_chunks, vae_batch_pixels)
     embed_dim = pooled_dim = None
     if text_encoders is not None:
         embed_dim = sum(e.config.hidden_size for e in text_encoders)
         pooled_dim = text_encoders[1].config.projection_dim
-    features = cache.cache_features(vae.config.latent_channels, embed_dim, pooled_dim)
+    features = cache.cache_features(vae.config.latent_channels, embed_dim, pooled_dim, bool(mask_settings))
     shard_extras: dict[int, dict] = {}
     if streamed:
         num_shards = total = None  # known once every rank has marked its last shard

@@ -127,6 +127,8 @@ def format_summary(result: dict, output_dir: str) -> str:
         lines.append(
             "buckets (height x width: rows): " + ", ".join(f"{b}: {n}" for b, n in counts["buckets"].items())
         )
+        if counts.get("masked"):
+            lines.append(f"rows with a loss mask: {counts['masked']} of {counts['rows']}")
         if counts["upscaled"]:
             lines.append(f"upscaled (smaller than their bucket): {counts['upscaled']}")
         if counts["truncated_prompts"]:

@@ -52,6 +52,7 @@ PER_SOURCE_SETTINGS = (
     "num_data_files",
     "world_size",
     "split_strategy",
+    "masks",
 )
 
 
@@ -59,14 +60,25 @@ def source_dir(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / SOURCES_DIR / name
 
 
-def _source_changed(directory: Path, source: SourceConfig) -> list[str]:
-    """What changed in a source's encoding settings since its cache was made ([] for none or a new source)."""
+def _source_state(source: SourceConfig, inputs) -> dict:
+    """What a source's rows depend on besides the models: its encoding settings and its masks (mask files are
+    found in its folder, so adding one changes the source without a change to the config)."""
+    masks = getattr(inputs, "mask_settings", dict)()
+    return {**source.encoding_settings(), "masks": json.loads(json.dumps(masks))}
+
+
+def _source_changed(directory: Path, state: dict) -> list[str]:
+    """What changed in a source since its cache was made ([] for nothing or a new source)."""
     path = directory / SOURCE_FILE
     if not path.is_file():
         return []
     before = cache.read_json(path).get("encoding", {})
-    now = source.encoding_settings()
-    return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+    return [f"{k}: {_short(before.get(k))} -> {_short(state[k])}" for k in state if before.get(k) != state[k]]
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def source_settings(source: SourceConfig, settings: dict) -> dict:
@@ -108,18 +120,18 @@ def precompute_sources(
     results, run = {}, Counter()
     for source in config:
         directory = source_dir(output_dir, source.name)
+        inputs = open_inputs(source)
         changed: list[str] = []
         if rank == 0:
-            changed = _source_changed(directory, source)
+            state = _source_state(source, inputs)
+            changed = _source_changed(directory, state)
             if changed:
                 logger.info("source %s changed (%s): re-encoding it alone", source.name, "; ".join(changed))
                 print(f"source {source.name} changed ({'; '.join(changed)}): re-encoding it", flush=True)
             directory.mkdir(parents=True, exist_ok=True)
             cache.write_json_atomic(
-                directory / SOURCE_FILE,
-                {"encoding": source.encoding_settings(), "fingerprint": source.fingerprint()},
+                directory / SOURCE_FILE, {"encoding": state, "fingerprint": source.fingerprint()}
             )
-        inputs = open_inputs(source)
         try:
             result = run_one(inputs, directory, overwrite=bool(changed), **source_settings(source, settings))
         except cache.NoUsableInputsError as error:
@@ -238,6 +250,7 @@ def merge_sources(output_dir: Path, config: DataConfig, metadata: dict[str, dict
             "skipped_by_kind": dict(by_kind.most_common()),
             "upscaled": sum(metadata[e["name"]]["counts"]["upscaled"] for e in entries),
             "truncated_prompts": sum(metadata[e["name"]]["counts"]["truncated_prompts"] for e in entries),
+            "masked": sum(metadata[e["name"]]["counts"].get("masked", 0) for e in entries),
             "buckets": dict(buckets.most_common()),
             "shards": sum(metadata[e["name"]]["counts"]["shards"] for e in entries),
         },

@@ -26,10 +26,18 @@ def filename_caption(path: Path) -> str:
     return " ".join(path.stem.replace("_", " ").split())
 
 
+# Every source of a data config has the cache's mask column (empty where it has no masks), so the sources'
+# caches have the same columns and merge into one.
+NO_MASKS = {"masks": {"mask_files": 0, "mask_fingerprint": None, "alpha_mask": False}}
+
+
 class NamedStreamingInputs(StreamingInputs):
     """A streamed source of a data config: rows named ``"<name>/<tar>/<key>"`` like the other sources' rows."""
 
     source_name = ""
+
+    def mask_settings(self) -> dict:
+        return NO_MASKS
 
     def source(self, example: dict, rank: int, position: int) -> str:
         return f"{self.source_name}/{super().source(example, rank, position)}"
@@ -52,7 +60,7 @@ class ConfiguredInputs:
         self._delegate = c.caption_from == "file" and c.caption_extension == ".txt" and not c.instance_prompt
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("inner", "config", "_delegate"):
+        if name.startswith("__") or name in ("inner", "config", "_delegate"):  # (unpickling: not set yet)
             raise AttributeError(name)
         return getattr(self.inner, name)  # e.g. what a mask-aware folder source offers
 
@@ -72,13 +80,30 @@ class ConfiguredInputs:
         lines = [line for line in caption.split("\n") if line.strip()] or [""]
         return "\n".join(f"{prefix}{line}{suffix}" for line in lines)
 
+    def mask_settings(self) -> dict:
+        """The folder source's mask settings (what its rows' masks depend on), or those of no masks."""
+        inner = getattr(self.inner, "mask_settings", None)
+        return (inner() if inner is not None else {}) or NO_MASKS
+
+    def _folder_caption(self, path: Path, allow_empty: bool) -> str:
+        c = self.config
+        if c.caption_from == "filename":
+            return filename_caption(path)
+        if c.caption_from == "instance_prompt":
+            return c.instance_prompt
+        try:
+            return read_caption(path, allow_empty=allow_empty, extension=c.caption_extension)
+        except BadInputError:
+            if not c.instance_prompt:
+                raise
+            return c.instance_prompt  # kohya's DreamBooth subsets: class_tokens where no caption file is
+
     def load(self, index: int, max_pixels: int, allow_empty: bool) -> tuple[Image.Image, str, str]:
         """(RGB image, caption, path for messages); raises BadInputError (a skipped input, never a crash)."""
         c = self.config
         if self.inner.kind != "folder":
-            image, caption, where = self.inner.load(
-                index, max_pixels, allow_empty or c.caption_from != "file"
-            )
+            lenient = allow_empty or c.caption_from != "file"
+            image, caption, where = self.inner.load(index, max_pixels, lenient)
             if c.caption_from == "instance_prompt":
                 caption = c.instance_prompt
             return image, self._decorate(caption), where
@@ -86,20 +111,27 @@ class ConfiguredInputs:
             image, caption, where = self.inner.load(index, max_pixels, allow_empty)
             return image, self._decorate(caption), where
         path = self.inner.paths[index]
-        if c.caption_from == "filename":
-            caption = filename_caption(path)
-        elif c.caption_from == "instance_prompt":
-            caption = c.instance_prompt
-        else:
-            try:
-                caption = read_caption(path, allow_empty=allow_empty, extension=c.caption_extension)
-            except BadInputError:
-                if not c.instance_prompt:
-                    raise
-                caption = (
-                    c.instance_prompt
-                )  # kohya's DreamBooth subsets: class_tokens where no caption file is
+        caption = self._folder_caption(path, allow_empty)
         return load_image(path, max_pixels=max_pixels), self._decorate(caption), str(path)
+
+    def load_masked(
+        self, index: int, max_pixels: int, allow_empty: bool
+    ) -> tuple[Image.Image, Image.Image | None, str, str]:
+        """``load`` with the image's loss mask (or None), as FolderInputs.load_masked."""
+        if self.inner.kind != "folder" or not hasattr(self.inner, "load_masked"):
+            image, caption, where = self.load(index, max_pixels, allow_empty)
+            return image, None, caption, where
+        if self._delegate:
+            image, mask, caption, where = self.inner.load_masked(index, max_pixels, allow_empty)
+            return image, mask, self._decorate(caption), where
+        from sdxl_ztsnr.masks import load_image_and_mask
+
+        path = self.inner.paths[index]
+        caption = self._folder_caption(path, allow_empty)  # first: cheap
+        image, mask = load_image_and_mask(
+            path, self.inner.masks.get(index), self.inner.alpha_mask, max_pixels
+        )
+        return image, mask, self._decorate(caption), str(path)
 
 
 def open_source(config: SourceConfig, where: str = ""):

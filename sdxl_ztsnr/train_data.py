@@ -14,6 +14,7 @@ import torch
 
 from sdxl_ztsnr.cache import rows_as_tensors
 from sdxl_ztsnr.keyed_random import keyed_uniform, sample_seeds
+from sdxl_ztsnr.masks import batch_loss_mask
 from sdxl_ztsnr.schedule import resolution_shift
 from sdxl_ztsnr.tags import parse_tags, shuffle_and_drop_tags
 from sdxl_ztsnr.text_encoding import pad_prompt_embeds
@@ -280,6 +281,8 @@ class _BatchReader(torch.utils.data.Dataset):
             "target_size": torch.stack([r["target_size"] for r in rows]),
             "sample_weights": self.sample_weights[torch.tensor(rows_ids)],
         }
+        if any(r.get("mask") is not None for r in rows):  # only batches holding a masked row carry one
+            tensors["loss_mask"] = batch_loss_mask([r["mask"] for r in rows], tensors["latents"].shape[2:])
         if "prompt_embeds" in rows[0]:
             tensors["prompt_embeds"] = pad_prompt_embeds([r["prompt_embeds"] for r in rows], self.pad_chunk)
             tensors["pooled_prompt_embeds"] = torch.stack([r["pooled_prompt_embeds"] for r in rows])

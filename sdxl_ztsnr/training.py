@@ -56,7 +56,8 @@ def training_loss(
     """Noise a batch, run the UNet, return (weighted scalar loss, per-sample MSE (B,)).
 
     ``batch`` holds latents (B, 4, h, w), prompt_embeds, pooled_prompt_embeds, time_ids and
-    optionally sample_weights (B,) — the tag-based loss weights — and noise_seeds (B ints, see
+    optionally sample_weights (B,) — the tag-based loss weights —, loss_mask (B, 1, h, w) — the masked loss's
+    per-pixel weights, see ``sdxl_ztsnr.masks`` — and noise_seeds (B ints, see
     ``sdxl_ztsnr.keyed_random``): each sample's timestep and noise then come from its own seed, so the result
     does not depend on how a global batch is split across processes. Without seeds they are drawn from
     ``generator``. Either way on the CPU unless given, so a run is reproducible on any device.
@@ -85,4 +86,6 @@ def training_loss(
         batch["pooled_prompt_embeds"],
         batch["time_ids"],
     )
-    return weighted_loss(prediction, noised, weighting, snr_gamma, batch.get("sample_weights"))
+    return weighted_loss(
+        prediction, noised, weighting, snr_gamma, batch.get("sample_weights"), batch.get("loss_mask")
+    )

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from sdxl_ztsnr.train_data import (
 )
 
 logger = logging.getLogger("train_sdxl_ztsnr")
+
+# The cache's loss masks: "auto" uses them where it has some, "require" refuses a cache without, "ignore" trains
+# every pixel alike (kohya's --masked_loss is "require"; here masks in the cache count without a flag).
+MaskedLoss = Literal["auto", "require", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,12 @@ def open_training_rows(
     seed: int = 0,
     normalize_latents: bool = False,
     num_workers: int = 0,
+    masked_loss: MaskedLoss = "auto",
     data_config: DataConfig | None = None,
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
-    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None).
+    the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None). Batches
+    carry a ``loss_mask`` where their rows have masks, unless ``masked_loss`` is "ignore".
 
     A cache of several sources samples each source as ``data_config`` says (or, without one, as the config it
     was made from recorded): repeats or weights, regularisation rows' loss × prior_loss_weight, per-source
@@ -89,6 +96,7 @@ def open_training_rows(
         expected["resolution"] = resolution  # a cache made at another resolution is refused, by name
     dataset, metadata = load_cache(cache_dir, expected)
     del vae
+    dataset = _masks_as_asked(dataset, metadata, masked_loss, cache)
     if text_online and not captions.online:
         logger.info("the cache holds no text embeddings: encoding captions every step (--text_online)")
 
@@ -215,6 +223,25 @@ def _source_rows(metadata: dict, num_rows: int, data_config: DataConfig | None, 
         for c in configs
     ]
     return {"names": names, "row_source": row_source, "configs": configs, "captions": rules}
+
+
+def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, where: str | os.PathLike):
+    """The cache's dataset with its mask column, or without it (so no batch reads or carries one); ``where``
+    names the cache in the error."""
+    masked = metadata["counts"].get("masked", 0) if "mask" in dataset.column_names else 0
+    if masked_loss == "require" and not masked:
+        raise UserError(
+            f"--masked_loss: the cache {where} holds no masks; precompute it from a folder with masks "
+            "(name.mask.png beside the images, --mask_dir or --alpha_mask)"
+        )
+    if masked and masked_loss != "ignore":
+        logger.info(
+            "masked loss: %d of %d rows have a mask (the others weigh 1 everywhere)", masked, len(dataset)
+        )
+        return dataset
+    if masked:
+        logger.info("--no_masked_loss: the cache's masks (%d rows) are not used", masked)
+    return dataset.remove_columns("mask") if "mask" in dataset.column_names else dataset
 
 
 def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:

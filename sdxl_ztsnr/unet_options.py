@@ -7,7 +7,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 
-from sdxl_ztsnr.options import add_data_config_option, add_ema_options, resolve_aliases
+from sdxl_ztsnr.options import (
+    add_data_config_option,
+    add_ema_options,
+    add_mask_source_options,
+    resolve_aliases,
+)
 
 
 def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -38,6 +43,7 @@ def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._Argu
         "--bucket_step", type=int, default=64, help="bucket sides are multiples of this (raw data)"
     )
     data.add_argument("--max_token_chunks", type=int, default=3, help="75-token chunks per prompt (raw data)")
+    add_mask_source_options(data, "raw data: ")
     data.add_argument(
         "--precompute_shard_size",
         type=int,
@@ -107,6 +113,14 @@ def add_schedule_options(
         help="min_snr keeps the pure-noise step trained; min_snr_unguarded is the textbook form",
     )
     ztsnr.add_argument("--snr_gamma", type=float, default=5.0, help="γ of MinSNR (NAI used 5)")
+    ztsnr.add_argument(
+        "--masked_loss",
+        action="store_true",
+        help="require loss masks in the cache (kohya's switch; masks the cache holds are used without it)",
+    )
+    ztsnr.add_argument(
+        "--no_masked_loss", action="store_true", help="ignore the cache's masks: every pixel weighs 1"
+    )
     ztsnr.add_argument(
         "--resolution_shift",
         action="store_true",
@@ -208,6 +222,12 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(
             "give --precomputed_dir (a latent cache), --train_data_dir (raw images) or --data_config (sources)"
         )
+    if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
+        parser.error(
+            "--mask_dir and --alpha_mask are read with --train_data_dir; a cache holds its masks already"
+        )
+    if args.masked_loss and args.no_masked_loss:
+        parser.error("--masked_loss requires the cache's masks, --no_masked_loss ignores them: give one")
     changing = bool(args.tag_dropout or args.keep_tokens)
     if args.data_config:
         from sdxl_ztsnr.data_config import load_data_config

@@ -417,24 +417,18 @@ def test_two_processes_build_the_cache_one_process_builds(demo_data, models, tin
         torch.testing.assert_close(x["latents"], y["latents"], rtol=0, atol=1e-3)
 
 
-def test_mask_keys_reach_the_folder_source_or_are_refused(tmp_path, monkeypatch):
-    import inspect
-
-    from sdxl_ztsnr import inputs as inputs_module
-
+def test_mask_keys_reach_the_folder_source(tmp_path, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()
     path = _write(
-        tmp_path, f'[[datasets]]\ntrain_data_dir = "{folder}"\nmask_dir = "masks"\nalpha_mask = true\n'
+        tmp_path,
+        f'[[datasets]]\nimage_dir = "{folder}"\nconditioning_data_dir = "masks"\nalpha_mask = true\n',
     )
-    source = load_data_config(path).sources[0]
+    source = load_data_config(path).sources[0]  # kohya's spellings
     assert source.mask_dir == str(tmp_path / "masks") and source.alpha_mask
-    if "mask_dir" not in inspect.signature(inputs_module.FolderInputs.__init__).parameters:
-        with pytest.raises(UserError, match=r"source 'images': mask_dir: masked loss is not available"):
-            open_source(source, str(path))
     seen = {}
 
-    class MaskFolder:  # a folder source that takes masks: the keys are passed through
+    class MaskFolder:  # stands in for FolderInputs: the keys are passed through
         kind = "folder"
 
         def __init__(self, root, mask_dir=None, alpha_mask=False):
@@ -443,6 +437,38 @@ def test_mask_keys_reach_the_folder_source_or_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr("sdxl_ztsnr.source_inputs.FolderInputs", MaskFolder)
     open_source(source, str(path))
     assert seen == {"root": str(folder), "mask_dir": str(tmp_path / "masks"), "alpha_mask": True}
+
+
+def test_a_masked_source_beside_unmasked_ones_in_one_cache(demo_data, models, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folders = split_demo(demo_data, tmp_path / "data", {"plain": 3, "masked": 3})
+    image = sorted(p for p in folders["masked"].iterdir() if p.suffix != ".txt")[0]
+    with Image.open(image) as pixels:
+        size = pixels.size
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[:, : size[0] // 2] = 255  # the left half trains
+    Image.fromarray(mask).save(folders["masked"] / f"{image.stem}.mask.png")
+    body = f'[[datasets]]\nname = "plain"\ntrain_data_dir = "{folders["plain"]}"\n' + (
+        f'[[datasets]]\nname = "masked"\ntrain_data_dir = "{folders["masked"]}"\n'
+    )
+    out = tmp_path / "cache"
+    _run(_write(tmp_path, body), out, models)
+    dataset, metadata = cache.load_cache(out)
+    assert metadata["counts"]["masked"] == 1 and len(dataset) == 6  # the mask file is no sample
+    masks = dict(zip(dataset["source"], dataset["mask"], strict=True))
+    assert [s for s, m in masks.items() if m is not None] == [f"masked/{image.name}"]
+    # a mask file added later re-encodes that source alone
+    plain_files = _arrow_files(out, "plain")
+    other = sorted(p for p in folders["masked"].iterdir() if p.suffix != ".txt" and ".mask" not in p.name)[1]
+    with Image.open(other) as pixels:
+        Image.fromarray(np.full((pixels.size[1], pixels.size[0]), 255, np.uint8)).save(
+            folders["masked"] / f"{other.stem}.mask.png"
+        )
+    _run(_write(tmp_path, body), out, models)
+    assert _arrow_files(out, "plain") == plain_files
+    assert cache.load_cache(out)[1]["counts"]["masked"] == 2
 
 
 def test_a_streamed_webdataset_source_beside_a_folder(demo_data, models, tmp_path):
