@@ -25,6 +25,7 @@ from sdxl_ztsnr.attention import ATTENTION_BACKENDS, attention_context, configur
 from sdxl_ztsnr.base_model import BaseModel, conversion_note, resolve_base
 from sdxl_ztsnr.console import UserError, make_output_dir
 from sdxl_ztsnr.lora import DEFAULT_TARGET_MODULES
+from sdxl_ztsnr.lora_variants import LORA_TYPES
 from sdxl_ztsnr.optimizers import (
     build_training_optimizer,
     check_fused_backward,
@@ -40,6 +41,11 @@ from sdxl_ztsnr.schedule import (
 )
 from sdxl_ztsnr.step_logs import StepLogs
 from sdxl_ztsnr.tags import DEFAULT_CLASS_WEIGHTS
+from sdxl_ztsnr.text_encoder_training import (
+    TextEncoderSettings,
+    TrainedTextEncoders,
+    text_encoder_learning_rates,
+)
 from sdxl_ztsnr.train_data import (
     BucketBatchSampler,  # noqa: F401 (the lifecycle tests size epochs with it)
     DataPosition,
@@ -67,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet_options.add_training_data_options(parser)
     unet_options.add_tag_weighting_options(parser, DEFAULT_CLASS_WEIGHTS)
     unet_options.add_schedule_options(parser, NAI_SIGMA_MAX, LOSS_WEIGHTINGS)
-    unet_options.add_adapter_options(parser, DEFAULT_TARGET_MODULES)
+    unet_options.add_adapter_options(parser, DEFAULT_TARGET_MODULES, LORA_TYPES)
+    unet_options.add_text_encoder_options(parser)
     options.add_optimizer_options(
         parser,
         "constant_with_warmup",
@@ -141,15 +148,21 @@ def base_model(args: argparse.Namespace, accelerator) -> BaseModel:
     )
 
 
-def load_training_data(args: argparse.Namespace, accelerator, base: BaseModel) -> TrainingRows:
-    """The cache (refused if made for another model), tag weights, held-out rows, online text encoders."""
+def load_training_data(
+    args: argparse.Namespace, accelerator, base: BaseModel, text: TrainedTextEncoders | None = None
+) -> TrainingRows:
+    """The cache (refused if made for another model), tag weights, held-out rows, online text encoders (the
+    trained ones with --train_text_encoder)."""
     # A local cache, a Hub dataset id (downloaded once, memory-mapped), or a raw folder precomputed now.
     source = args.precomputed_dir or precompute_raw_data(args, base)
     accelerator.wait_for_everyone()
     if args.text_online_implied:
-        logger.info(
-            "--tag_dropout/--keep_tokens change captions each step: encoding them online (--text_online)"
+        reason = (
+            "--train_text_encoder trains on the captions"
+            if args.train_text_encoder
+            else "--tag_dropout/--keep_tokens change captions each step"
         )
+        logger.info("%s: encoding them online (--text_online)", reason)
     tags = None
     if not args.no_tag_weighting:
         class_weights = {name: getattr(args, f"{name}_weight") for name in DEFAULT_CLASS_WEIGHTS}
@@ -183,6 +196,7 @@ def load_training_data(args: argparse.Namespace, accelerator, base: BaseModel) -
         args.normalize_latents,
         args.dataloader_num_workers,
         "require" if args.masked_loss else "ignore" if args.no_masked_loss else "auto",
+        text,
         data_config=data_config,
     )
 
@@ -201,11 +215,13 @@ def run_config(args: argparse.Namespace, data: TrainingRows) -> dict:
     return config
 
 
-def make_optimizer(args: argparse.Namespace, weights: TrainedWeights, accelerator):
-    """The optimizer the flags ask for: plain, per-parameter for bf16 weights, or fused into backward."""
-    lr = args.learning_rate
+def make_optimizer(args: argparse.Namespace, weights: TrainedWeights, text: TrainedTextEncoders, accelerator):
+    """The optimizer the flags ask for: plain, per-parameter for bf16 weights, or fused into backward; one
+    parameter group for the UNet, one per trained text encoder (its own learning rate)."""
+    scale = 1.0
     if args.scale_lr:
-        lr *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    lr = args.learning_rate * scale
     if args.fused_backward_pass:
         check_fused_backward(
             args.gradient_accumulation_steps, accelerator.num_processes, args.mixed_precision
@@ -214,7 +230,7 @@ def make_optimizer(args: argparse.Namespace, weights: TrainedWeights, accelerato
         if note:
             logger.info(note)
     return build_training_optimizer(
-        weights.parameters,
+        [{"params": weights.parameters, "lr": lr}, *text.param_groups(scale)],
         args.optimizer,
         lr,
         (args.adam_beta1, args.adam_beta2),
@@ -235,19 +251,22 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def trained_weights(args: argparse.Namespace, base: BaseModel, unet, distributed_type) -> TrainedWeights:
-    """The whole UNet or a LoRA on it (refused on an ε-prediction base), and its EMA when asked."""
+    """The whole UNet or a LoRA on it, new or continued (refused on an ε-prediction base), and its EMA."""
     from accelerate.utils import DistributedType
 
-    if distributed_type == DistributedType.FSDP and (args.lora_rank or args.use_ema):
+    if distributed_type == DistributedType.FSDP and (args.lora_rank or args.lora_weights or args.use_ema):
         raise UserError(
             "--lora_rank and --use_ema are not supported under FSDP (sharded weights); use DDP or DeepSpeed "
             "ZeRO-2 (examples/accelerate/) for them"
         )
     lora = ema = None
-    if args.lora_rank:
+    if args.lora_rank or args.lora_weights:
         check_lora_base(base.path, args.allow_epsilon_base, base.revision)
+        # The default targets given beside --lora_weights mean "the file's"; other targets must match the file.
+        given = list(args.lora_target_modules) != list(DEFAULT_TARGET_MODULES)
+        targets = tuple(args.lora_target_modules) if given or not args.lora_weights else None
         lora = LoraSettings(
-            args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules)
+            args.lora_rank, args.lora_alpha, args.lora_dropout, targets, args.lora_type, args.lora_weights
         )
     if args.use_ema:
         ema = EmaSettings(
@@ -260,6 +279,29 @@ def trained_weights(args: argparse.Namespace, base: BaseModel, unet, distributed
         )
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     return TrainedWeights.create(unet, lora, ema, frozen_dtype)
+
+
+def trained_text_encoders(args: argparse.Namespace, base: BaseModel, distributed_type) -> TrainedTextEncoders:
+    """--train_text_encoder: both encoders (a LoRA on each with --lora_rank), each at its own learning rate."""
+    from accelerate.utils import DistributedType
+
+    if not args.train_text_encoder:
+        return TrainedTextEncoders.frozen()
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            "--train_text_encoder is not supported under FSDP or DeepSpeed (they prepare one model); use DDP"
+        )
+    if args.use_ema:
+        logger.info("--use_ema: the EMA follows the UNet; the text encoders are exported as trained")
+    settings = TextEncoderSettings(
+        text_encoder_learning_rates(args.learning_rate, args.text_encoder_lr, args.text_encoder_2_lr),
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.gradient_checkpointing,
+    )
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    return TrainedTextEncoders.load(base.path, settings, frozen_dtype)
 
 
 def save_checkpoint(args, accelerator, step: int, position: DataPosition, run_id: str) -> None:
@@ -287,6 +329,7 @@ def save_outputs(
     accelerator,
     base: BaseModel,
     weights: TrainedWeights,
+    text: TrainedTextEncoders,
     unet,
     data: TrainingRows,
     metrics: dict,
@@ -310,6 +353,7 @@ def save_outputs(
             latent_stats=latent_stats(args, data),
             metrics=metrics,
             card_name=args.hub_model_id,
+            text_encoders=text,
         )
 
 
@@ -354,6 +398,7 @@ def run_validation(
     accelerator,
     base: BaseModel,
     weights: TrainedWeights,
+    text: TrainedTextEncoders,
     unet,
     data: TrainingRows,
     alpha_bar,
@@ -371,7 +416,9 @@ def run_validation(
     with accelerator.autocast(), weights.exported(args.validate_ema):
         metrics = fixed_validation_loss(model, batches, alpha_bar, seed=args.seed)
         if args.validation_prompt:
-            pipeline = base.load_pipeline(model, dtype=torch.float32).to(accelerator.device)
+            pipeline = base.load_pipeline(
+                model, dtype=torch.float32, components=text.pipeline_components()
+            ).to(accelerator.device)
             stats = latent_stats(args, data)
             if stats is not None:
                 mean, std = vae_config_latent_stats(*stats, pipeline.vae.config.scaling_factor)
@@ -393,7 +440,13 @@ def run_validation(
 
 
 def finish_only(
-    args, accelerator, base: BaseModel, weights: TrainedWeights, data: TrainingRows, plan: lifecycle.RunPlan
+    args,
+    accelerator,
+    base: BaseModel,
+    weights: TrainedWeights,
+    text: TrainedTextEncoders,
+    data: TrainingRows,
+    plan: lifecycle.RunPlan,
 ) -> dict:
     """A requeue of a finished run: train nothing, overwrite nothing; write the outputs only if missing."""
     logger.info(
@@ -405,9 +458,11 @@ def finish_only(
     if not plan.outputs_complete:
         logger.info("its outputs are missing or incomplete: writing them from %s", plan.resume)
         unet = accelerator.prepare(weights.unet)
+        text.prepare(accelerator)
+        text.register_checkpoint_hooks(accelerator)  # before the UNet's (see there)
         weights.register_checkpoint_hooks(accelerator)
         accelerator.load_state(plan.resume)
-        save_outputs(args, accelerator, base, weights, unet, data, {}, plan.resume_step, plan.run_id)
+        save_outputs(args, accelerator, base, weights, text, unet, data, {}, plan.resume_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     run_vae_stage(args)
@@ -439,7 +494,9 @@ def main(args: argparse.Namespace) -> dict:
     # Base and data: the latent cache (built here from raw images if needed), global batches of one bucket each.
     base = base_model(args, accelerator)
     logger.info(conversion_note(base.schedule(), ztsnr=not args.no_ztsnr))
-    data = load_training_data(args, accelerator, base)
+    # The text encoders train with --train_text_encoder (and encode the captions then); else stay frozen.
+    text = trained_text_encoders(args, base, accelerator.distributed_type)
+    data = load_training_data(args, accelerator, base, text)
     sampler = data.sampler(
         args.train_batch_size, args.seed, accelerator.process_index, accelerator.num_processes
     )
@@ -447,7 +504,7 @@ def main(args: argparse.Namespace) -> dict:
     # Accumulation cycles run across epoch ends: an epoch is a number of micro-batches, not of updates.
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(sampler) / accumulation)
 
-    # Model: the whole UNet or a LoRA on it, with its EMA; then schedule and optimizer.
+    # Model: the whole UNet or a LoRA on it, with its EMA (and the text encoders above); schedule, optimizer.
     unet = base.load_trainable_unet(
         args.weights_dtype == "bf16",
         args.gradient_checkpointing,
@@ -455,19 +512,22 @@ def main(args: argparse.Namespace) -> dict:
     )
     weights = trained_weights(args, base, unet, accelerator.distributed_type)
     if plan.finished_at(max_steps):
-        return finish_only(args, accelerator, base, weights, data, plan)
+        return finish_only(args, accelerator, base, weights, text, data, plan)
     alpha_bar = alphas_cumprod(ztsnr=not args.no_ztsnr, sigma_max=args.sigma_max)
     attention = configure_attention(
         weights.unet, args.attention_backend, accelerator.device, compute_dtype(args)
     )
-    optimizer = make_optimizer(args, weights, accelerator)
+    optimizer = make_optimizer(args, weights, text, accelerator)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(weights.unet, optimizer, lr_scheduler)
+    text_models = text.prepare(accelerator)  # the trained text encoders, prepared: [] when they are frozen
     if args.fused_backward_pass:
         optimizer.optimizer.attach()  # after prepare: the hooks sit on the parameters that train
+    text.register_checkpoint_hooks(accelerator)  # before the UNet's: see TrainedTextEncoders
     weights.register_checkpoint_hooks(accelerator)
+    trained_parameters = weights.parameters + text.parameters
     if args.enable_compile:
         unet = launch.compile_or_eager(unet, accelerator.device, args.compile_mode)
     # --max_grad_norm 0 (kohya's "no clipping"): the norm is still computed, to catch non-finite steps.
@@ -507,7 +567,8 @@ def main(args: argparse.Namespace) -> dict:
     while global_step < max_steps:
         for _ in range(accumulation):  # one optimizer update
             position, batch = next(stream)
-            with accelerator.accumulate(unet), attention_context(attention):
+            with accelerator.accumulate(unet, *text_models), attention_context(attention):
+                batch = data.encode_text(batch)  # --train_text_encoder: captions encoded here, with gradients
                 # The loss in one place: ZTSNR noising, v target, MSE × MinSNR(guarded) × tag weight.
                 loss, _ = training_loss(
                     unet,
@@ -520,7 +581,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     found_inf = clip_and_check_gradients(
-                        accelerator, optimizer, weights.parameters, clip_norm, args.mixed_precision == "fp16"
+                        accelerator, optimizer, trained_parameters, clip_norm, args.mixed_precision == "fp16"
                     )
                 optimizer.step()
                 clear_nonfinite_mark(optimizer)
@@ -549,17 +610,19 @@ def main(args: argparse.Namespace) -> dict:
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
             save_checkpoint(args, accelerator, global_step, position, plan.run_id)
         if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_steps:
-            metrics = run_validation(args, accelerator, base, weights, unet, data, alpha_bar, global_step)
+            metrics = run_validation(
+                args, accelerator, base, weights, text, unet, data, alpha_bar, global_step
+            )
 
     progress.close()
     accelerator.wait_for_everyone()
-    metrics = run_validation(args, accelerator, base, weights, unet, data, alpha_bar, global_step)
-    save_outputs(args, accelerator, base, weights, unet, data, metrics, global_step, plan.run_id)
+    metrics = run_validation(args, accelerator, base, weights, text, unet, data, alpha_bar, global_step)
+    save_outputs(args, accelerator, base, weights, text, unet, data, metrics, global_step, plan.run_id)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     gc.unfreeze()
     result = {"step": global_step, "skipped_steps": logs.bad_total.item(), **metrics}
-    del unet, optimizer, weights  # the VAE stage gets the accelerator's memory
+    del unet, optimizer, weights, text, text_models  # the VAE stage gets the accelerator's memory
     accelerator.free_memory()
     vae_metrics = run_vae_stage(args)
     publish(args, accelerator)

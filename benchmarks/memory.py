@@ -7,6 +7,7 @@ CUDA is present. A benchmark, not a test: an estimate of the full UNet takes min
     python benchmarks/memory.py --no_estimate             # with CUDA: measure only (benchmarks/gpu_suite.sh)
     python benchmarks/memory.py --tiny                    # a toy UNet at 128²: checks this script in seconds
     python benchmarks/memory.py --check_autocast          # the CPU emulation of CUDA autocast, op by op
+    python benchmarks/memory.py --configs full+gc+te,lora+gc+te   # --train_text_encoder (UNet + both encoders)
 
 Estimate. The step runs on fake tensors (torch's FakeTensorMode: shapes and dtypes, no data, no arithmetic)
 under torch's MemTracker (torch.distributed._tools.mem_tracker), which adds up the storage of every tensor
@@ -26,6 +27,10 @@ steady state (state, gradients and activations alive together). How the GPU is s
   - bitsandbytes' 8-bit AdamW reads values on the host inside its step, so fake tensors cannot run it; its
     state layout stands in for it (``EightBitAdamWLayout``). With CUDA the real one is measured.
   - Not seen: kernel workspaces (cuBLAS, cuDNN convolution), which max_memory_allocated does count.
+The ``+te`` rows train both text encoders too (--train_text_encoder): SDXL's CLIP ViT-L and OpenCLIP bigG
+(817.7M parameters) encode one 77-token chunk per sample inside the step, as the trainer does; whole encoders
+train in fp32 beside the UNet (encoder 1's last layer and final norm frozen, as SDXL never reads them), a
+LoRA run puts a LoRA of the same rank on each encoder's linears over a bf16 base.
 """
 
 from __future__ import annotations
@@ -52,7 +57,14 @@ from sdxl_ztsnr.optimizers import (  # noqa: E402
     build_training_optimizer,
 )
 from sdxl_ztsnr.optional_packages import installed  # noqa: E402
-from sdxl_ztsnr.sdxl_architecture import SDXL_UNET, build_unet, unet_inputs  # noqa: E402
+from sdxl_ztsnr.sdxl_architecture import (  # noqa: E402
+    SDXL_TEXT_ENCODER,
+    SDXL_TEXT_ENCODER_2,
+    SDXL_UNET,
+    build_text_encoders,
+    build_unet,
+    unet_inputs,
+)
 from sdxl_ztsnr.training import unet_prediction  # noqa: E402
 
 GIB = 2**30
@@ -69,6 +81,13 @@ TINY_UNET = dict(
     norm_num_groups=16,
     sample_size=16,
 )
+# Toy text encoders for TINY_UNET: hidden states 32 + 32 = its cross_attention_dim, pooled 64.
+TINY_TEXT_ENCODERS = (
+    dict(SDXL_TEXT_ENCODER, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+         projection_dim=32),
+    dict(SDXL_TEXT_ENCODER_2, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+         projection_dim=64),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,7 @@ class Config:
     fused_backward: bool = False
     lora_rank: int = 0  # > 0: frozen base weights, the trainer's LoRA (sdxl_ztsnr.lora.add_lora), AdamW
     channels_last: bool = True  # on CUDA, as the trainer does (memory-neutral)
+    text_encoders: bool = False  # --train_text_encoder: both encoders train too (a LoRA each with lora_rank)
     anchor_gib: float | None = None  # one H200, gpu_anchor.py, 2026-11-26
 
 
@@ -99,6 +119,10 @@ CONFIGS = [
     Config("lowest", "bf16, Adafactor, gc, fused backward", 1, "bf16", "adafactor", True, True),
     Config("lora", "LoRA r32 (attention projections), bf16 base", 1, "bf16", lora_rank=32),
     Config("lora+gc", "LoRA r32, bf16 base, gc", 1, "bf16", gradient_checkpointing=True, lora_rank=32),
+    Config("full+gc+te", "fp32, fused AdamW, gc, + both text encoders (fp32)", 1, gradient_checkpointing=True,
+           text_encoders=True),
+    Config("lora+gc+te", "LoRA r32, bf16 base, gc, + LoRA r32 on both encoders", 1, "bf16",
+           gradient_checkpointing=True, lora_rank=32, text_encoders=True),
 ]  # fmt: skip
 
 
@@ -230,9 +254,38 @@ def setup_unet(config: Config, unet_config: dict, device: torch.device | str):
     return unet
 
 
-def build_optimizer_for(config: Config, unet: torch.nn.Module, device: torch.device, fake: bool):
+def setup_text_encoders(config: Config, text_configs: tuple, device: torch.device | str) -> list:
+    """Both text encoders as --train_text_encoder trains them (none unless ``config.text_encoders``)."""
+    if not config.text_encoders:
+        return []
+    from sdxl_ztsnr.text_encoder_training import add_text_encoder_lora, unread_modules
+
+    encoders = build_text_encoders(text_configs, device)
+    for index, encoder in enumerate(encoders):
+        skip = unread_modules(encoder) if index == 0 else []
+        if config.lora_rank:
+            encoder.to(torch.bfloat16)  # the frozen base in the autocast dtype, the adapter fp32
+            add_text_encoder_lora(encoder, config.lora_rank, None, 0.0, skip)
+        else:
+            for name in skip:
+                encoder.get_submodule(name).requires_grad_(False)
+        encoder.train()
+        if config.gradient_checkpointing:
+            encoder.activation_checkpointing_enable({"use_reentrant": False})
+    return encoders
+
+
+def text_conditioning(encoders: list, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds (B, 77, C1+C2), pooled (B, P)) of one chunk, as sdxl_ztsnr.text_encoding computes them."""
+    first = encoders[0](token_ids, output_hidden_states=True)
+    second = encoders[1](token_ids, output_hidden_states=True)
+    hidden = [first.hidden_states[-2], second.hidden_states[-2]]
+    return torch.cat([h.to(hidden[0].dtype) for h in hidden], dim=-1), second.text_embeds
+
+
+def build_optimizer_for(config: Config, unet: torch.nn.Module, device: torch.device, fake: bool, encoders=()):
     """The optimizer ``config`` names, over the trainable parameters (a FusedBackward comes not yet attached)."""
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for model in (unet, *encoders) for p in model.parameters() if p.requires_grad]
     bf16_update = "stochastic" if config.weights == "bf16" and not config.lora_rank else None
     if config.optimizer == "adamw_foreach":
         optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, foreach=True)
@@ -252,16 +305,15 @@ def build_optimizer_for(config: Config, unet: torch.nn.Module, device: torch.dev
     return optimizer
 
 
-def training_step(unet, optimizer, inputs: dict, autocast_device: str) -> None:
-    """bf16 autocast forward (inputs cast to the UNet's dtype, as the trainer does), MSE, backward, step."""
+def training_step(unet, optimizer, inputs: dict, autocast_device: str, encoders=()) -> None:
+    """bf16 autocast forward (inputs cast to the UNet's dtype, as the trainer does), MSE, backward, step; with
+    ``encoders`` the text is encoded inside the step, with gradients."""
     with torch.autocast(autocast_device, dtype=torch.bfloat16):
+        embeds, pooled = inputs["prompt_embeds"], inputs["pooled_prompt_embeds"]
+        if encoders:
+            embeds, pooled = text_conditioning(encoders, inputs["token_ids"])
         prediction = unet_prediction(
-            unet,
-            inputs["latents"],
-            inputs["timesteps"],
-            inputs["prompt_embeds"],
-            inputs["pooled_prompt_embeds"],
-            inputs["time_ids"],
+            unet, inputs["latents"], inputs["timesteps"], embeds.float(), pooled.float(), inputs["time_ids"]
         )
     loss = torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
     loss.backward()
@@ -273,17 +325,32 @@ def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
-def estimate(config: Config, unet_config: dict, resolution: int) -> dict[str, float]:
+def token_ids(batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """(B, 77) token ids of one prompt chunk."""
+    return torch.randint(0, 49408, (batch_size, 77), device=device)
+
+
+def estimate(
+    config: Config,
+    unet_config: dict,
+    resolution: int,
+    text_configs: tuple = (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2),
+) -> dict[str, float]:
     """Peak GiB of one steady-state step on fake tensors, total and by MemTracker's categories."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device("cpu")
     unet = setup_unet(config, unet_config, "meta")  # set up outside fake mode: see fake_parameters_
+    encoders = setup_text_encoders(config, text_configs, "meta")
     with FakeTensorMode():
         fake_parameters_(unet, device)
-        optimizer = build_optimizer_for(config, unet, device, fake=True)
+        for encoder in encoders:
+            fake_parameters_(encoder, device)
+        optimizer = build_optimizer_for(config, unet, device, fake=True, encoders=encoders)
         inputs = unet_inputs(unet_config, config.batch_size, resolution, device)
-        params = [p for p in unet.parameters() if p.requires_grad]
+        if encoders:
+            inputs["token_ids"] = token_ids(config.batch_size, device)
+        params = [p for model in (unet, *encoders) for p in model.parameters() if p.requires_grad]
         for p in params:  # create the optimizer state: the tracked step is then the steady state
             p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -291,34 +358,44 @@ def estimate(config: Config, unet_config: dict, resolution: int) -> dict[str, fl
         if isinstance(optimizer, FusedBackward):
             optimizer.attach()
         tracker = peak_tracker()
-        tracker.skip_frozen(unet)
+        for model in (unet, *encoders):
+            tracker.skip_frozen(model)
         compensation = [c for c in getattr(optimizer, "compensation", []) if c is not None]
-        tracker.track_external(unet, *inner_optimizers(optimizer), *inputs.values(), *compensation)
+        tracker.track_external(unet, *encoders, *inner_optimizers(optimizer), *inputs.values(), *compensation)
         with tracker, cuda_autocast_fp32():
-            training_step(unet, optimizer, inputs, "cpu")
+            training_step(unet, optimizer, inputs, "cpu", encoders)
         snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
     return {(k if isinstance(k, str) else k.value): v / GIB for k, v in snapshot.items()}
 
 
-def measure(config: Config, unet_config: dict, resolution: int, steps: int = 3) -> float:
+def measure(
+    config: Config,
+    unet_config: dict,
+    resolution: int,
+    steps: int = 3,
+    text_configs: tuple = (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2),
+) -> float:
     """torch.cuda.max_memory_allocated over ``steps`` real steps (from before the first), in GiB."""
     device = torch.device("cuda")
     unet = setup_unet(config, unet_config, device)
-    optimizer = build_optimizer_for(config, unet, device, fake=False)
+    encoders = setup_text_encoders(config, text_configs, device)
+    optimizer = build_optimizer_for(config, unet, device, fake=False, encoders=encoders)
     if isinstance(optimizer, FusedBackward):
         optimizer.attach()
     inputs = unet_inputs(unet_config, config.batch_size, resolution, device)
+    if encoders:
+        inputs["token_ids"] = token_ids(config.batch_size, device)
     if config.channels_last:
         inputs["latents"] = inputs["latents"].contiguous(memory_format=torch.channels_last)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
-        training_step(unet, optimizer, inputs, "cuda")
+        training_step(unet, optimizer, inputs, "cuda", encoders)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / GIB
     if isinstance(optimizer, FusedBackward):
         optimizer.detach()
-    del unet, optimizer, inputs
+    del unet, optimizer, inputs, encoders
     gc.collect()
     torch.cuda.empty_cache()
     return peak
@@ -445,6 +522,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet_config = TINY_UNET if args.tiny else SDXL_UNET
+    text_configs = TINY_TEXT_ENCODERS if args.tiny else (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2)
     resolution = args.resolution or (128 if args.tiny else 1024)
     if args.check_autocast:
         raise SystemExit(0 if check_autocast(unet_config) else 1)
@@ -468,14 +546,14 @@ def main() -> None:
             row["estimate_GiB"] = earlier[config.key]
         if not args.no_estimate:
             start = time.perf_counter()
-            breakdown = estimate(config, unet_config, resolution)
+            breakdown = estimate(config, unet_config, resolution, text_configs)
             row["estimate_GiB"] = breakdown["Total"]
             row["estimate_breakdown_GiB"] = {k: round(v, 3) for k, v in breakdown.items() if v}
             row["estimate_s"] = round(time.perf_counter() - start, 1)
         if measure_here and config.optimizer == "adamw8bit" and not installed("bitsandbytes"):
             print(f"{config.key}: not measured (bitsandbytes is not installed)")
         elif measure_here:
-            row["measured_GiB"] = measure(config, unet_config, resolution)
+            row["measured_GiB"] = measure(config, unet_config, resolution, text_configs=text_configs)
         rows.append(row)
         shown = {
             k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "description"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +83,15 @@ class BaseModel:
                 self.path, subfolder="vae", revision=self.revision, variant=self.variant
             )
 
-    def load_pipeline(self, unet: torch.nn.Module, vae: torch.nn.Module | None = None, dtype=None):
-        """A StableDiffusionXLPipeline of the base around ``unet`` (and ``vae``, default the base's)."""
+    def load_pipeline(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module | None = None,
+        dtype=None,
+        components: Mapping[str, torch.nn.Module] | None = None,
+    ):
+        """A StableDiffusionXLPipeline of the base around ``unet`` (and ``vae``, default the base's); ``components``
+        replace the base's by name (trained text encoders: ``text_encoder``, ``text_encoder_2``)."""
         from diffusers import StableDiffusionXLPipeline
 
         with loading_model(self.path):
@@ -95,6 +102,7 @@ class BaseModel:
                 revision=self.revision,
                 variant=self.variant,
                 **({"torch_dtype": dtype} if dtype is not None else {}),
+                **(components or {}),
             )
 
 

@@ -1,12 +1,14 @@
 """LoRA on the SDXL UNet through peft: add, save (diffusers + kohya/A1111 formats), checkpoint, check the base.
 
 A LoRA fine-tune keeps the base frozen and trains low-rank updates W + (alpha/rank)·B·A of chosen linear
-layers (Hu et al. 2021, arXiv:2106.09685). Outputs, in one directory:
+layers (Hu et al. 2021, arXiv:2106.09685), or one of the variants of sdxl_ztsnr.lora_variants (DoRA, LoHa,
+LoKr). Outputs, in one directory:
 
-- `pytorch_lora_weights.safetensors`: diffusers/PEFT keys; `StableDiffusionXLPipeline.load_lora_weights(dir)`.
+- `pytorch_lora_weights.safetensors`: peft's keys (`unet.<module>.lora_A.weight` ...) and the peft config;
+  `StableDiffusionXLPipeline.load_lora_weights(dir)` reads LoRA and DoRA, `lora_files.load_lora_file` all.
 - `<name>.safetensors`: kohya's key format (`lora_unet_<original SGM module path, _ for .>.lora_down.weight`,
-  `.lora_up.weight`, `.alpha`) with kohya's `ss_*` and Stability's `modelspec.*` metadata: ComfyUI, A1111
-  and Forge load it as an SDXL LoRA; diffusers converts it itself.
+  `.lora_up.weight`, `.alpha`; LyCORIS's `.dora_scale`, `.hada_*`, `.lokr_*` for the variants) with kohya's
+  `ss_*` and Stability's `modelspec.*` metadata: ComfyUI, A1111 and Forge load it as an SDXL LoRA.
 
 In training checkpoints only the LoRA tensors are stored (LORA_STATE_NAME), by accelerate save/load hooks.
 """
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from sdxl_ztsnr import lora_variants
 from sdxl_ztsnr.export import UNET_PREFIX, unet_key_map
+from sdxl_ztsnr.lora_variants import LoraType
 
 ADAPTER_NAME = "default"
 # The attention projections of every transformer block (self-attention attn1, cross-attention attn2). In
@@ -38,8 +42,16 @@ def add_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] | str = DEFAULT_TARGET_MODULES,
     under_autocast: bool = False,
+    lora_type: LoraType = "lora",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    lokr_options: Mapping[str, object] | None = None,
 ) -> list[torch.nn.Parameter]:
     """Freeze `unet` and add a peft LoRA adapter; returns its parameters, the only trainable ones, in fp32.
+
+    ``lora_type``: lora, dora, loha or lokr (sdxl_ztsnr.lora_variants). ``rank_pattern`` / ``alpha_pattern``:
+    peft's per-module rank and alpha (regex keys matching the end of module names), for continued files;
+    ``lokr_options``: LoKrConfig's decompose_both / decompose_factor, for a continued LoKr.
 
     alpha defaults to rank (scale 1). target_modules: module names or suffixes (peft's matching: a module
     matches when its name equals a target or ends with "." + target), or one regex string for the full name.
@@ -55,7 +67,6 @@ def add_lora(
     output. Without autocast the cast is needed (a bf16 input cannot meet fp32 weights), so it stays.
     """
     from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     alpha = float(rank if alpha is None else alpha)
     if rank < 1:
@@ -77,7 +88,13 @@ def add_lora(
             f"--lora_target_modules: {unmatched} match no module of the UNet (a target matches a module whose "
             "name equals it or ends with '.' + target, e.g. to_q, attn2.to_k, ff.net.2, proj_in)."
         )
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    if lora_type not in lora_variants.LORA_TYPES:
+        raise ValueError(
+            f"--lora_type must be one of {', '.join(lora_variants.LORA_TYPES)}, got {lora_type!r}."
+        )
+    config = lora_variants.peft_config(
+        lora_type, rank, alpha, dropout, targets, rank_pattern, alpha_pattern, lokr_options
+    )
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     cast_training_params(unet, dtype=torch.float32)
@@ -101,22 +118,29 @@ def _unmatched_targets(unet: torch.nn.Module, targets: list[str] | str) -> list[
 
 
 def lora_modules(unet: torch.nn.Module) -> list[str]:
-    """Names of the UNet modules that carry a LoRA (diffusers names, e.g. `mid_block...attn1.to_q`)."""
-    from peft.tuners.lora import LoraLayer
+    """Names of the UNet modules that carry an adapter (diffusers names, e.g. `mid_block...attn1.to_q`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [name for name, module in unet.named_modules() if isinstance(module, LoraLayer)]
+    return [name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
 def lora_settings(unet: torch.nn.Module) -> dict:
-    """rank, alpha, dropout and target modules of the UNet's adapter, JSON-serialisable."""
+    """type, rank, alpha, dropout and target modules of the UNet's adapter (and per-module patterns), JSON-able."""
     config = unet.peft_config[ADAPTER_NAME]
     targets = config.target_modules
-    return {
+    settings = {
+        "type": lora_variants.config_type(config),
         "rank": int(config.r),
-        "alpha": float(config.lora_alpha),
-        "dropout": float(config.lora_dropout),
+        "alpha": lora_variants.config_alpha(config),
+        "dropout": float(getattr(config, "lora_dropout", 0.0)),
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
     }
+    if settings["type"] == "lokr" and (config.decompose_both or config.decompose_factor != -1):
+        settings |= {"decompose_both": config.decompose_both, "decompose_factor": config.decompose_factor}
+    if config.rank_pattern or config.alpha_pattern:  # a continued file with per-module ranks or alphas
+        settings["rank_pattern"] = {k: int(v) for k, v in sorted(config.rank_pattern.items())}
+        settings["alpha_pattern"] = {k: float(v) for k, v in sorted(config.alpha_pattern.items())}
+    return settings
 
 
 def check_lora_base(scheduler_config: Mapping) -> str | None:
@@ -151,35 +175,109 @@ def diffusers_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
 
 
+def _base_weight_keys(unet: torch.nn.Module) -> list[str]:
+    """The UNet's own state-dict keys, adapter wrappers and tensors removed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            adapter |= {f"{name}.{key}" for key in module.state_dict() if not key.startswith("base_layer.")}
+    return [k.replace(".base_layer.", ".") for k in unet.state_dict() if k not in adapter]
+
+
+def kohya_unet_names(unet: torch.nn.Module, prefix: str = KOHYA_PREFIX) -> dict[str, str]:
+    """diffusers module name -> kohya name (`prefix` + the original SGM module path with `_` for `.`), for every
+    UNet module with a weight (what ComfyUI's key table holds for `lora_unet_`)."""
+    to_original = {
+        key: sgm.removeprefix(UNET_PREFIX) for key, sgm in unet_key_map(_base_weight_keys(unet)).items()
+    }
+    return {
+        key.removesuffix(".weight"): prefix + sgm.removesuffix(".weight").replace(".", "_")
+        for key, sgm in to_original.items()
+        if key.endswith(".weight")
+    }
+
+
 def kohya_module_names(unet: torch.nn.Module) -> dict[str, str]:
-    """diffusers module name -> kohya name (`lora_unet_` + the original SGM module path with `_` for `.`)."""
-    # The UNet's own key set (LoRA wrappers removed) gives the full module tree the SGM table is derived from.
-    base_keys = [k.replace(".base_layer.", ".") for k in unet.state_dict() if ".lora_" not in k]
-    to_original = {key: sgm.removeprefix(UNET_PREFIX) for key, sgm in unet_key_map(base_keys).items()}
-    names = {}
-    for module in lora_modules(unet):
-        sgm_key = to_original[f"{module}.weight"]
-        names[module] = KOHYA_PREFIX + sgm_key.removesuffix(".weight").replace(".", "_")
-    return names
+    """diffusers module name -> kohya name of the modules that carry the adapter."""
+    names = kohya_unet_names(unet)
+    return {module: names[module] for module in lora_modules(unet)}
+
+
+def module_tensors(unet: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's tensors by module, then by peft parameter name (`lora_A.weight`, `hada_w1_a`, ...)."""
+    from peft.utils import get_peft_model_state_dict
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items():
+        module, name = lora_variants.split_peft_key(key)
+        modules.setdefault(module, {})[name] = tensor
+    return modules
+
+
+def module_scales(unet: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """(alpha/r, alpha) of each adapted module, per-module patterns applied."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            alpha = getattr(module, "lora_alpha", None) or module.alpha
+            out[name] = (float(module.scaling[ADAPTER_NAME]), float(alpha[ADAPTER_NAME]))
+    return out
+
+
+def kohya_state_dict(
+    lora_type: LoraType,
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    scales: Mapping[str, tuple[float, float]],
+    out_channels: Mapping[str, int],
+    names: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Adapter tensors by module (`module_tensors`) -> kohya/LyCORIS keys `<names[module]>.<suffix>`.
+
+    `names` maps each module to its kohya name (`kohya_unet_names`, or a text encoder's with `lora_te1_`);
+    `scales` gives (alpha/r, alpha) and `out_channels` each module's output width. dtype None keeps fp32; the
+    0-d `.alpha` stays fp32.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for module, tensors in modules.items():
+        scale, alpha = scales[module]
+        converted = lora_variants.to_lycoris(lora_type, tensors, scale, alpha, out_channels[module])
+        for suffix, tensor in converted.items():
+            keep = dtype is None or suffix == lora_variants.ALPHA_KEY
+            out[f"{names[module]}.{suffix}"] = tensor if keep else tensor.to(dtype)
+    return out
+
+
+def _out_channels(unet: torch.nn.Module) -> dict[str, int]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {
+        name: module.get_base_layer().weight.shape[0]
+        for name, module in unet.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    }
 
 
 def kohya_lora_state_dict(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapter in kohya's layout: per module `.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` (0-d).
+    """The UNet's adapter in kohya's layout: for a LoRA per module `.lora_down.weight` (A), `.lora_up.weight` (B),
+    `.alpha` (0-d); the variants' LyCORIS keys (sdxl_ztsnr.lora_variants).
 
     kohya scales by alpha / rank like peft, and stores down/up with the shapes of peft's A/B (linear:
     (r, in) / (out, r); conv: (r, in, kh, kw) / (out, r, 1, 1)). dtype None keeps fp32.
     """
-    from peft.utils import get_peft_model_state_dict
-
-    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    alpha = lora_settings(unet)["alpha"]
-    out: dict[str, torch.Tensor] = {}
-    for module, name in kohya_module_names(unet).items():
-        down, up = peft_state[f"{module}.lora_A.weight"], peft_state[f"{module}.lora_B.weight"]
-        out[f"{name}.lora_down.weight"] = down if dtype is None else down.to(dtype)
-        out[f"{name}.lora_up.weight"] = up if dtype is None else up.to(dtype)
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return out
+    lora_type = lora_settings(unet)["type"]
+    return kohya_state_dict(
+        lora_type,
+        module_tensors(unet),
+        module_scales(unet),
+        _out_channels(unet),
+        kohya_module_names(unet),
+        dtype,
+    )
 
 
 def kohya_metadata(
@@ -188,14 +286,21 @@ def kohya_metadata(
     """Header metadata as kohya's sd-scripts writes for an SDXL LoRA, plus Stability's model spec, all strings.
 
     `modelspec.prediction_type` "v", `ss_v_parameterization` and `ss_zero_terminal_snr` tell UIs and model
-    sites that the LoRA belongs on a v-prediction (ZTSNR) SDXL.
+    sites that the LoRA belongs on a v-prediction (ZTSNR) SDXL. The variants are named as LyCORIS's kohya
+    network names them (`lycoris.kohya`, `algo`, `dora_wd`).
     """
+    lora_type = settings.get("type", "lora")
+    network_args: dict = {"target_modules": settings["target_modules"]}
+    if lora_type != "lora":
+        network_args = {"algo": "lora" if lora_type == "dora" else lora_type, **network_args}
+    if lora_type == "dora":
+        network_args |= {"dora_wd": "True", "wd_on_out": "True"}
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if lora_type == "lora" else "lycoris.kohya",
         "ss_network_dim": str(settings["rank"]),
         "ss_network_alpha": str(float(settings["alpha"])),
         "ss_network_dropout": str(float(settings["dropout"])),
-        "ss_network_args": json.dumps({"target_modules": settings["target_modules"]}),
+        "ss_network_args": json.dumps(network_args),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_v2": "False",
         "ss_v_parameterization": "True",
@@ -285,12 +390,13 @@ def load_lora_state(unet: torch.nn.Module, directory: str | Path) -> None:
             f"{path}: missing; this checkpoint was not saved by a LoRA run (resume it without --lora_rank)."
         )
     with safe_open(str(path), framework="pt") as f:
-        saved_settings = json.loads(f.metadata()["lora"])
+        saved_settings = {"type": "lora", **json.loads(f.metadata()["lora"])}  # older checkpoints: plain LoRA
         current = lora_settings(unet)
         if saved_settings != current:
             raise ValueError(
                 f"{path}: saved with LoRA settings {saved_settings}, this run has {current}; resume with the "
-                "same --lora_rank / --lora_alpha / --lora_dropout / --lora_target_modules."
+                "same --lora_type / --lora_rank / --lora_alpha / --lora_dropout / --lora_target_modules / "
+                "--lora_weights."
             )
         params = _trainable_state(unet)
         if set(f.keys()) != set(params):

@@ -496,7 +496,7 @@ def fused_backward_clipping_note(max_grad_norm: float) -> str | None:
 
 
 def build_training_optimizer(
-    params: Iterable[torch.Tensor],
+    params: Iterable[torch.Tensor] | Iterable[dict],
     name: OptimizerName,
     learning_rate: float,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -510,8 +510,18 @@ def build_training_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer a run asks for: plain, per-parameter (bf16 weights with ``bf16_update``) or fused into
     backward (call ``.attach()`` on it after ``accelerator.prepare``).
+
+    ``params`` are tensors, or parameter groups ({"params": [...], "lr": ...}, e.g. the UNet and each text
+    encoder); a group without "lr" gets ``learning_rate``. A per-parameter optimizer gives every parameter the
+    learning rate of its group.
     """
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        group.setdefault("lr", learning_rate)
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
     make = functools.partial(
         build_optimizer,
         name=name,
@@ -521,8 +531,14 @@ def build_training_optimizer(
         eps=eps,
         device_type=device_type,
     )
+    per_parameter = None
     if fused_backward:
-        return FusedBackward(params, make, max_grad_norm or None, bf16_update, seed)
-    if bf16_update is not None and any(p.dtype == torch.bfloat16 for p in params):
-        return PerParameterOptimizer(params, make, None, bf16_update, seed)
-    return make(params)
+        per_parameter = FusedBackward(params, make, max_grad_norm or None, bf16_update, seed)
+    elif bf16_update is not None and any(p.dtype == torch.bfloat16 for p in params):
+        per_parameter = PerParameterOptimizer(params, make, None, bf16_update, seed)
+    if per_parameter is None:
+        return make(groups)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for param, group in zip(per_parameter.params, per_parameter.param_groups, strict=True):
+        group["lr"] = lr_of[id(param)]
+    return per_parameter

@@ -62,3 +62,41 @@ def unet_inputs(
         # (original H, W, crop top, left, target H, W), height first as SDXL was trained
         "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * batch_size, device=device),
     }
+
+
+# text_encoder/config.json and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L/14
+# (123,060,480 parameters) and OpenCLIP ViT-bigG/14 with its projection (694,659,840).
+SDXL_TEXT_ENCODER: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SDXL_TEXT_ENCODER_2: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+
+
+def build_text_encoders(
+    configs: tuple[dict[str, Any], dict[str, Any]], device: torch.device | str = "cpu", seed: int = 0
+) -> list[torch.nn.Module]:
+    """SDXL's two random-weight text encoders (CLIPTextModel, CLIPTextModelWithProjection) built on ``device``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return [
+            CLIPTextModel(CLIPTextConfig(**configs[0])),
+            CLIPTextModelWithProjection(CLIPTextConfig(**configs[1])),
+        ]

@@ -118,6 +118,18 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (B, 77·k, C1+C2), pooled (B, P)) in the encoders' dtype; k = num_chunks, or the
     smallest count fitting the longest prompt (at most max_chunks; longer prompts are truncated)."""
+    return encode_prompts_with_grad(prompts, tokenizers, text_encoders, max_chunks, num_chunks)
+
+
+def encode_prompts_with_grad(
+    prompts: Sequence[str],
+    tokenizers: Sequence,
+    text_encoders: Sequence[torch.nn.Module],
+    max_chunks: int = 3,
+    num_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_prompts`` inside autograd, for text encoders that train (--train_text_encoder); the encoders may
+    be accelerate-prepared (DDP) wrappers."""
     if len(tokenizers) != 2 or len(text_encoders) != 2:
         raise ValueError("SDXL needs two tokenizers and two text encoders (CLIP ViT-L and OpenCLIP bigG)")
     if max_chunks < 1:

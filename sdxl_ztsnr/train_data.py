@@ -326,7 +326,9 @@ class TrainingRows:
     """The cache split into training and held-out rows, with what a batch needs beside the rows.
 
     ``encode`` (prompts -> (embeds, pooled)) is set for --text_online: captions are rebuilt from the
-    tags each step (``keep_tokens``, ``tag_dropout``) and encoded by the frozen text encoders.
+    tags each step (``keep_tokens``, ``tag_dropout``) and encoded by the frozen text encoders. With
+    ``encode_in_step`` as well (--train_text_encoder) a training batch carries its captions instead, and the
+    step encodes them with gradients (``encode_text``); held-out batches are still encoded with ``encode``.
     """
 
     dataset: object  # datasets.Dataset of the cache
@@ -342,6 +344,7 @@ class TrainingRows:
     keep_tokens: int = 0
     tag_dropout: float = 0.0
     num_workers: int = 0
+    encode_in_step: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
     buckets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))  # (rows, 2) [h, w]
     # Several sources (a data config's cache): each row's source index, the sources' names, captions and
     # samples per epoch (source_epoch_counts); None for a single source.
@@ -390,6 +393,7 @@ class TrainingRows:
         choice for a sample (tag shuffle and dropout, caption dropout, timestep and noise) is keyed by them.
         None for held-out batches: captions unchanged, no dropout, no seeds.
         """
+        encoded = prompts = None
         if self.encode is not None:
             if keys is not None:
                 seeds = sample_seeds(*keys, "tags")
@@ -404,17 +408,15 @@ class TrainingRows:
                     prompt.split("\n", 1)[0] if "\n" in prompt else ", ".join(tags)
                     for tags, prompt in zip(batch["tags"], batch["prompts"], strict=True)
                 ]
-            encoded = self.encode(prompts)
+            if keys is None or self.encode_in_step is None:  # else encoded in the step: encode_text
+                encoded, prompts = self.encode(prompts), None
         # One transfer for the whole batch (pinned by the DataLoader on CUDA), then views.
         packed = batch["packed"]
         on_device = packed.to(device, non_blocking=True)
         out = unpack_tensors(on_device, batch["layout"])
         if on_device is not packed:  # target_size stays on the CPU: timestep_shift reads it without a sync
             out["target_size"] = unpack_tensors(packed, batch["layout"])["target_size"]
-        if self.encode is not None:
-            out["prompt_embeds"], out["pooled_prompt_embeds"] = encoded
-        out["prompt_embeds"] = out["prompt_embeds"].float()
-        out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].float()
+        keep = None
         if keys is not None:
             out["noise_seeds"] = sample_seeds(*keys, "noise")
         dropout = torch.tensor(float(self.caption_dropout))
@@ -423,12 +425,13 @@ class TrainingRows:
                 [self.source_captions[self.row_source[r]].caption_dropout for r in batch["row_ids"]]
             )
         if keys is not None and (dropout > 0).any():
-            # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
-            # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
             keep = (keyed_uniform(sample_seeds(*keys, "caption")) >= dropout).float()
             keep = to_device_async(keep, device)
-            out["prompt_embeds"] = out["prompt_embeds"] * keep.view(-1, 1, 1)
-            out["pooled_prompt_embeds"] = out["pooled_prompt_embeds"] * keep.view(-1, 1)
+        if prompts is not None:  # the text encoders train: the step encodes the captions (encode_text)
+            out.pop("prompt_embeds", None), out.pop("pooled_prompt_embeds", None)  # a cache's, unused
+            out["prompts"], out["caption_keep"] = prompts, keep
+        else:
+            out.update(_text_embeds(encoded, out, keep))
         if self.latents_mean is not None:
             mean, std = to_device_async(self.latents_mean, device), to_device_async(self.latents_std, device)
             out["latents"] = normalize_latents(out["latents"], mean, std)
@@ -446,6 +449,16 @@ class TrainingRows:
             return ", ".join(shuffle_and_drop_tags(tags, rule.keep_tokens, rule.tag_dropout, rng))
         kept = [t for i, t in enumerate(tags) if i < rule.keep_tokens or rng.random() >= rule.tag_dropout]
         return ", ".join(kept)
+
+    def encode_text(self, batch: dict) -> dict:
+        """A training batch with its text embeddings: the captions of an ``encode_in_step`` batch encoded now,
+        inside the step (gradients reach the text encoders), caption dropout applied; others as they are."""
+        if "prompts" not in batch:
+            return batch
+        out = dict(batch)
+        prompts, keep = out.pop("prompts"), out.pop("caption_keep")
+        out.update(_text_embeds(self.encode_in_step(prompts), out, keep))
+        return out
 
     def stream(
         self,
@@ -498,6 +511,21 @@ class TrainingRows:
         """NAI's resolution shift s = √(H·W)/1024 for a batch (all rows share one bucket)."""
         height, width = batch["target_size"][0].tolist()
         return resolution_shift(height, width)
+
+
+def _text_embeds(
+    encoded: tuple[torch.Tensor, torch.Tensor] | None, batch: dict, keep: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """prompt_embeds and pooled_prompt_embeds in fp32: ``encoded`` now, else the batch's cached ones; zero
+    where ``keep`` (B,) is 0 (caption dropout)."""
+    if encoded is None:
+        encoded = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+    embeds, pooled = encoded[0].float(), encoded[1].float()
+    if keep is not None:
+        # Dropped captions get all-zero embeddings, as SDXL's own unconditional input
+        # (force_zeros_for_empty_prompt): the pipeline's empty negative prompt then matches training.
+        embeds, pooled = embeds * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 def split_rows(

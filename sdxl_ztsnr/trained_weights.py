@@ -24,16 +24,23 @@ import torch
 
 from sdxl_ztsnr import lora as lora_lib
 from sdxl_ztsnr.ema import EMA_UNET_SUBFOLDER, EmaDevice, EmaWarmup, EmaWeights
+from sdxl_ztsnr.lora_files import continue_lora
+from sdxl_ztsnr.lora_variants import LoraType
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int
+    """A new adapter (rank given), or one continued from ``weights`` (a LoRA file), whose type, rank, alpha and
+    targets are then the file's: those given here (not None) must agree with it."""
+
+    rank: int | None
     alpha: float | None = None
     dropout: float = 0.0
-    target_modules: Sequence[str] = lora_lib.DEFAULT_TARGET_MODULES
+    target_modules: Sequence[str] | None = None  # None: DEFAULT_TARGET_MODULES (new) or the file's
+    lora_type: LoraType | None = None  # None: lora (new) or the file's
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ def check_lora_base(model_name_or_path: str, allow_epsilon_base: bool, revision:
     if problem is None:
         return
     if not allow_epsilon_base:
-        raise UserError(f"--lora_rank: {problem} (--allow_epsilon_base trains it anyway)")
+        raise UserError(f"--lora_rank / --lora_weights: {problem} (--allow_epsilon_base trains it anyway)")
     logger.warning("--allow_epsilon_base: %s", problem)
 
 
@@ -86,14 +93,34 @@ class TrainedWeights:
         if lora is not None:
             if frozen_dtype is not None:
                 unet.to(dtype=frozen_dtype)  # frozen weights need no fp32 master copy
-            parameters = lora_lib.add_lora(
-                unet,
-                lora.rank,
-                lora.alpha,
-                lora.dropout,
-                lora.target_modules,
-                under_autocast=frozen_dtype is not None,
-            )
+            if lora.weights is not None:
+                targets = list(lora.target_modules) if lora.target_modules else None
+                parameters = continue_lora(
+                    unet,
+                    lora.weights,
+                    lora.lora_type,
+                    lora.rank,
+                    lora.alpha,
+                    targets,
+                    lora.dropout,
+                    under_autocast=frozen_dtype is not None,
+                )
+                settings = lora_lib.lora_settings(unet)
+                logger.info(
+                    "--lora_weights: continuing the %s of %s (rank %d, alpha %g, %d modules)",
+                    settings["type"], lora.weights, settings["rank"], settings["alpha"],
+                    len(lora_lib.lora_modules(unet)),
+                )  # fmt: skip
+            else:
+                parameters = lora_lib.add_lora(
+                    unet,
+                    lora.rank,
+                    lora.alpha,
+                    lora.dropout,
+                    lora.target_modules or lora_lib.DEFAULT_TARGET_MODULES,
+                    under_autocast=frozen_dtype is not None,
+                    lora_type=lora.lora_type or "lora",
+                )
         else:
             parameters = [p for p in unet.parameters() if p.requires_grad]
         average = None

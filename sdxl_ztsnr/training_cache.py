@@ -5,12 +5,13 @@ when the captions change each step or the cache holds no embeddings.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from sdxl_ztsnr.train_data import (
     training_tag_frequencies,
     training_tag_weights,
 )
+
+if TYPE_CHECKING:
+    from sdxl_ztsnr.text_encoder_training import TrainedTextEncoders
 
 logger = logging.getLogger("train_sdxl_ztsnr")
 
@@ -69,11 +73,15 @@ def open_training_rows(
     normalize_latents: bool = False,
     num_workers: int = 0,
     masked_loss: MaskedLoss = "auto",
+    trained_text: TrainedTextEncoders | None = None,
     data_config: DataConfig | None = None,
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
     the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None). Batches
     carry a ``loss_mask`` where their rows have masks, unless ``masked_loss`` is "ignore".
+
+    ``trained_text`` (--train_text_encoder): its encoders encode the captions, inside each step; the cache must
+    hold captions (its embeddings, if any, go unused).
 
     A cache of several sources samples each source as ``data_config`` says (or, without one, as the config it
     was made from recorded): repeats or weights, regularisation rows' loss × prior_loss_weight, per-source
@@ -87,7 +95,19 @@ def open_training_rows(
     dataset, metadata, cache_dir = open_cache(cache)
     cached_text = not metadata["settings"]["text_online"]
     text_online = captions.online or not cached_text
-    tokenizers, encoders = load_text_encoders(base.path) if (cached_text or text_online) else (None, None)
+    training_text = trained_text is not None and trained_text.trains
+    if training_text and not has_captions(dataset):
+        raise UserError(
+            f"--train_text_encoder: the cache {cache} holds no captions to encode (its rows have no tags); "
+            "precompute it again from captioned images (name.txt beside each image, or --caption_column), or "
+            "train without --train_text_encoder"
+        )
+    if training_text:
+        tokenizers, encoders = trained_text.tokenizers, trained_text.encoders
+    elif cached_text or text_online:
+        tokenizers, encoders = load_text_encoders(base.path)
+    else:
+        tokenizers, encoders = None, None
     # What the cache depends on must be this model: same VAE, same text encoders (when embeddings are cached).
     expected = model_identity(vae, encoders if cached_text else None)
     if not cached_text:
@@ -117,15 +137,16 @@ def open_training_rows(
         )
 
     sources = _source_rows(metadata, len(dataset), data_config, captions)
-    if sources is not None:
-        row_source, configs = sources["row_source"], sources["configs"]
-        loss = torch.tensor([c.loss_weight for c in configs], dtype=torch.float32)
-        weights = (
-            weights * loss[torch.from_numpy(row_source.astype(np.int64))]
-        )  # regularisation: prior weight
+    if sources is not None:  # regularisation rows: × their prior loss weight
+        loss = torch.tensor([c.loss_weight for c in sources["configs"]], dtype=torch.float32)
+        weights = weights * loss[torch.from_numpy(sources["row_source"].astype(np.int64))]
 
-    encode = None
-    if text_online:
+    encode = encode_in_step = None
+    if training_text:
+        max_chunks = metadata["settings"]["max_token_chunks"]
+        encode = functools.partial(trained_text.encode, max_chunks=max_chunks)
+        encode_in_step = functools.partial(trained_text.encode_in_step, max_chunks=max_chunks)
+    elif text_online:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         encoders = [e.to(device, dtype) for e in encoders]
         max_chunks = metadata["settings"]["max_token_chunks"]
@@ -150,6 +171,7 @@ def open_training_rows(
         captions.keep_tokens,
         captions.tag_dropout,
         num_workers,
+        encode_in_step,
     )
     if sources is not None:
         rows.row_source, rows.source_names = sources["row_source"], sources["names"]
@@ -242,6 +264,16 @@ def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, where: str
     if masked:
         logger.info("--no_masked_loss: the cache's masks (%d rows) are not used", masked)
     return dataset.remove_columns("mask") if "mask" in dataset.column_names else dataset
+
+
+def has_captions(dataset) -> bool:
+    """Whether any row of the cache has a caption (tags) that online encoding can read."""
+    import pyarrow.compute as pc
+
+    if "tags" not in dataset.column_names:
+        return False
+    column = dataset.with_format("arrow")["tags"]
+    return len(column) > 0 and (pc.max(pc.list_value_length(column)).as_py() or 0) > 0
 
 
 def cache_path(precomputed_dir: str | None, output_dir: str | os.PathLike) -> Path | str:

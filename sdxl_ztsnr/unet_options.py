@@ -136,9 +136,9 @@ def add_schedule_options(
 
 
 def add_adapter_options(
-    parser: argparse.ArgumentParser, lora_targets: Sequence[str]
+    parser: argparse.ArgumentParser, lora_targets: Sequence[str], lora_types: Sequence[str] = ("lora",)
 ) -> argparse._ArgumentGroup:
-    """A LoRA instead of a full fine-tune, and an EMA of what trains."""
+    """A LoRA (or DoRA, LoHa, LoKr; new or continued from a file) instead of a full fine-tune, and an EMA."""
     adapters = parser.add_argument_group("LoRA (instead of a full fine-tune) and EMA")
     adapters.add_argument(
         "--lora_rank",
@@ -154,7 +154,23 @@ def add_adapter_options(
         "--lora_target_modules",
         nargs="+",
         default=list(lora_targets),
-        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections",
+        help="module names (or suffixes) the LoRA adapts: the transformer blocks' attention projections; with "
+        "--lora_weights the file's",
+    )
+    adapters.add_argument(
+        "--lora_type",
+        choices=list(lora_types),
+        default=None,
+        help="the adapter, through peft: lora (default), dora (weight-decomposed), loha (Hadamard), lokr "
+        "(Kronecker); with --lora_weights the file's",
+    )
+    adapters.add_argument(
+        "--lora_weights",
+        "--network_weights",
+        default=None,
+        metavar="FILE",
+        help="continue a LoRA: a kohya/A1111/LyCORIS or diffusers/peft .safetensors; its type, rank, alpha and "
+        "target modules are taken from the file (flags given beside it must agree)",
     )
     adapters.add_argument(
         "--allow_epsilon_base",
@@ -170,6 +186,33 @@ def add_adapter_options(
     adapters.add_argument("--validate_ema", action="store_true", help="sample validation images with the EMA")
 
     return adapters
+
+
+def add_text_encoder_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Training both text encoders beside the UNet (kohya's --train_text_encoder, --learning_rate_te1/te2)."""
+    text = parser.add_argument_group("text encoders")
+    text.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="train both text encoders too (whole, or a LoRA on each with --lora_rank); implies --text_online",
+    )
+    text.add_argument(
+        "--text_encoder_lr",
+        "--learning_rate_te1",
+        "--text_encoder_lr1",
+        type=float,
+        default=None,
+        help="learning rate of encoder 1 (CLIP ViT-L); default --learning_rate; 0 leaves it frozen",
+    )
+    text.add_argument(
+        "--text_encoder_2_lr",
+        "--learning_rate_te2",
+        "--text_encoder_lr2",
+        type=float,
+        default=None,
+        help="learning rate of encoder 2 (OpenCLIP ViT-bigG); default --text_encoder_lr; 0 leaves it frozen",
+    )
+    return text
 
 
 def add_validation_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -228,15 +271,35 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         )
     if args.masked_loss and args.no_masked_loss:
         parser.error("--masked_loss requires the cache's masks, --no_masked_loss ignores them: give one")
-    changing = bool(args.tag_dropout or args.keep_tokens)
+    text_lrs = (args.text_encoder_lr, args.text_encoder_2_lr)
+    if any(lr is not None for lr in text_lrs) and not args.train_text_encoder:
+        parser.error("--text_encoder_lr and --text_encoder_2_lr are for --train_text_encoder")
+    if any(lr is not None and lr < 0 for lr in text_lrs):
+        parser.error("--text_encoder_lr and --text_encoder_2_lr must be >= 0 (0 leaves that encoder frozen)")
+    if args.train_text_encoder and args.text_encoder_lr == 0 and not args.text_encoder_2_lr:
+        parser.error("--train_text_encoder with both text-encoder learning rates 0 trains neither: drop it")
+    if args.train_text_encoder and args.lora_weights:
+        parser.error(
+            "--train_text_encoder with --lora_weights: a continued LoRA trains the UNet's adapter only "
+            "(the file's lora_te keys are not read); drop one of them"
+        )
+    if args.train_text_encoder and args.lora_rank and args.lora_type not in (None, "lora"):
+        parser.error(
+            f"--train_text_encoder gives the text encoders a plain LoRA; --lora_type {args.lora_type} is for "
+            "the UNet only: train the encoders in a separate plain-LoRA run, or drop --train_text_encoder"
+        )
+    # --tag_dropout / --keep_tokens change the caption each step, --train_text_encoder needs the captions
+    # themselves: only online text encoding can do that.
+    changed = bool(args.tag_dropout or args.keep_tokens or args.train_text_encoder)
     if args.data_config:
         from sdxl_ztsnr.data_config import load_data_config
 
-        changing = changing or load_data_config(args.data_config).online_captions  # fails early on a bad file
-    # --tag_dropout / --keep_tokens change the caption each step: only online text encoding can do that.
-    args.text_online_implied = bool(changing and not args.text_online)
+        changed = changed or load_data_config(args.data_config).online_captions  # fails early on a bad file
+    args.text_online_implied = bool(changed and not args.text_online)
     args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
     if (args.export_ema or args.validate_ema) and not args.use_ema:
         parser.error("--export_ema and --validate_ema need --use_ema")
+    if args.lora_type and not (args.lora_rank or args.lora_weights):
+        parser.error("--lora_type needs --lora_rank (a new adapter) or --lora_weights (a continued one)")

@@ -12,8 +12,10 @@ import torch
 
 from sdxl_ztsnr import export, lifecycle
 from sdxl_ztsnr.base_model import BaseModel
+from sdxl_ztsnr.lora import DIFFUSERS_LORA_NAME, EMA_LORA_SUBFOLDER
 from sdxl_ztsnr.model_card import model_card
 from sdxl_ztsnr.schedule import scheduler_config
+from sdxl_ztsnr.text_encoder_training import TrainedTextEncoders
 from sdxl_ztsnr.train_data import vae_config_latent_stats
 from sdxl_ztsnr.trained_weights import TrainedWeights
 
@@ -28,10 +30,13 @@ def save_pipeline_and_single_file(
     ztsnr: bool,
     single_file: bool,
     latent_stats: LatentStats | None = None,
+    text_encoders: TrainedTextEncoders | None = None,
 ) -> None:
-    """The fine-tuned UNet as a diffusers pipeline directory and a single file (original SDXL layout)."""
+    """The fine-tuned UNet as a diffusers pipeline directory and a single file (original SDXL layout), with the
+    trained text encoders in place of the base's (--train_text_encoder)."""
     vae = base.load_vae()
-    pipeline = base.load_pipeline(unet, vae)
+    components = text_encoders.pipeline_components() if text_encoders is not None else {}
+    pipeline = base.load_pipeline(unet, vae, components=components)
     mean = std = None
     if latent_stats is not None:
         mean, std = vae_config_latent_stats(*latent_stats, vae.config.scaling_factor)
@@ -77,14 +82,27 @@ def write_run_outputs(
     latent_stats: LatentStats | None = None,
     metrics: dict | None = None,
     card_name: str | None = None,
+    text_encoders: TrainedTextEncoders | None = None,
 ) -> None:
     """Every output of step ``step`` of run ``run_id`` (main process only); outputs.json last, so a requeue of
-    a finished run knows they are complete and leaves them alone."""
+    a finished run knows they are complete and leaves them alone. Trained text encoders go into the pipeline and
+    the single file, or (LoRA) into both LoRA files."""
     name = out.resolve().name
     weights.save(out, name, base.label, ztsnr, export_ema)
+    if weights.lora is not None and text_encoders is not None:
+        with weights.exported(export_ema):
+            text_encoders.save_lora(out / DIFFUSERS_LORA_NAME, out / f"{name}.safetensors", weights.unet)
+        if weights.ema is not None:  # the EMA LoRA files: the UNet's EMA with the encoders' LoRAs as trained
+            ema_dir = out / EMA_LORA_SUBFOLDER
+            with weights.exported(True):
+                text_encoders.save_lora(
+                    ema_dir / DIFFUSERS_LORA_NAME, ema_dir / f"{name}_ema.safetensors", weights.unet
+                )
     if weights.lora is None:
         with weights.exported(export_ema):
-            save_pipeline_and_single_file(out, name, base, model, ztsnr, single_file, latent_stats)
+            save_pipeline_and_single_file(
+                out, name, base, model, ztsnr, single_file, latent_stats, text_encoders
+            )
     (out / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
     card = model_card(
         card_name or name,

@@ -147,3 +147,48 @@ def test_checkpoints_resume_across_process_counts(
         cwd=tmp_path,
     )  # fmt: skip
     assert_same_unet(two_from_one, one_process_run)
+
+
+def assert_same_text_encoders(a: Path, b: Path, atol: float = 1e-5) -> None:
+    for name in ("text_encoder", "text_encoder_2"):
+        weights_a = load_file(str(a / name / "model.safetensors"))
+        weights_b = load_file(str(b / name / "model.safetensors"))
+        assert weights_a.keys() == weights_b.keys()
+        worst = max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a)
+        assert worst <= atol, f"{name}s differ by {worst:.3g}"
+
+
+def test_text_encoders_train_in_two_processes_as_in_one_and_resume_across(
+    tiny_sdxl, train_cache, tmp_path, trainer_args
+):
+    """--train_text_encoder: DDP over the UNet and both encoders (captions encoded inside the step on each rank)
+    trains what one process with the whole batch trains; its checkpoint resumes in one process."""
+    text = ["--train_text_encoder", "--text_encoder_2_lr", "5e-4"]
+    two = tmp_path / "two"
+    launch_two_processes(
+        "--model_path", str(tiny_sdxl), "--precomputed_dir", str(train_cache), "--output_dir", str(two),
+        "--train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--validation_steps", "0",
+        "--dataloader_num_workers", "0", "--seed", "7", *COMMON, *text, cwd=tmp_path,
+    )  # fmt: skip
+    one = tmp_path / "one"
+    args = trainer_args(
+        tiny_sdxl, one, "--precomputed_dir", str(train_cache), "--train_batch_size", "4", *COMMON, *text
+    )
+    run_one_process(args)
+    losses_two, losses_one = logged_losses(two), logged_losses(one)
+    assert sorted(losses_two) == [1, 2, 3, 4]
+    for step in losses_two:
+        assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5), step
+    assert_same_unet(two, one)
+    assert_same_text_encoders(two, one)
+
+    # 2 processes -> 1: the two-process checkpoint-2 (UNet, both encoders, optimizer) finished by one process.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
+    args = trainer_args(
+        tiny_sdxl, resumed, "--precomputed_dir", str(train_cache), "--train_batch_size", "4",
+        "--resume_from_checkpoint", "latest", *COMMON, *text,
+    )  # fmt: skip
+    assert run_one_process(args)["step"] == 4
+    assert_same_unet(resumed, two)
+    assert_same_text_encoders(resumed, two)
