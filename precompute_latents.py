@@ -2,6 +2,7 @@
 
     python precompute_latents.py --train_data_dir images/ --pretrained_model_name_or_path MODEL \
         --output_dir cache/
+    python precompute_latents.py --data_config datasets.toml ...   # several sources, one cache (README: Datasets)
     accelerate launch --num_processes 8 precompute_latents.py ...   # shards inputs across ranks
     # WebDataset tars as img2dataset writes them, streamed (nothing is copied first), latents only:
     accelerate launch precompute_latents.py --dataset_name webdataset --streaming \
@@ -88,11 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flags that only make sense together."""
-    if bool(args.train_data_dir) == bool(args.dataset_name):
-        parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
+    if sum(map(bool, (args.train_data_dir, args.dataset_name, args.data_config))) != 1:
+        parser.error("give exactly one of --train_data_dir (--data_dir), --dataset_name or --data_config")
     if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
         parser.error(
-            "--mask_dir and --alpha_mask are for a --train_data_dir folder (masks of dataset rows are not read)"
+            "--mask_dir and --alpha_mask are for a --train_data_dir folder (masks of dataset rows are not read; "
+            "with --data_config give mask_dir / alpha_mask per source)"
         )
     if (args.streaming or args.data_files) and not args.dataset_name:
         parser.error("--streaming and --data_files read a --dataset_name (e.g. --dataset_name webdataset)")
@@ -121,13 +123,18 @@ def kill_hook(spec: str | None):
 def main(args: argparse.Namespace) -> dict:
     from sdxl_ztsnr import cache, hub
     from sdxl_ztsnr.base_model import resolve_base
+    from sdxl_ztsnr.data_config import load_data_config
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
     from sdxl_ztsnr.precompute import DatasetInputs, FolderInputs
     from sdxl_ztsnr.precompute_run import format_summary, process_state, run_precompute
     from sdxl_ztsnr.streaming_inputs import StreamingInputs
 
-    # Inputs
-    if args.train_data_dir:
+    # Inputs: one source, or the sources of a data config (one cache each under OUTPUT_DIR/sources, merged)
+    if args.data_config:
+        inputs = load_data_config(args.data_config)
+        for note in inputs.notes:
+            print(note, flush=True)
+    elif args.train_data_dir:
         inputs = FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask)
     elif args.streaming:
         inputs = StreamingInputs(

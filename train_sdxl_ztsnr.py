@@ -30,7 +30,7 @@ from sdxl_ztsnr.optimizers import (
     clear_nonfinite_mark,
     clip_and_check_gradients,
 )
-from sdxl_ztsnr.run_config import parse_with_config_file, saved_options
+from sdxl_ztsnr.run_config import DATA_SOURCES_KEY, parse_with_config_file, saved_options
 from sdxl_ztsnr.schedule import (
     LOSS_WEIGHTINGS,
     NAI_SIGMA_MAX,
@@ -42,7 +42,7 @@ from sdxl_ztsnr.text_encoder_training import (
     TrainedTextEncoders,
 )
 from sdxl_ztsnr.train_data import (
-    BucketBatchSampler,
+    BucketBatchSampler,  # noqa: F401 (the lifecycle tests size epochs with it)
     DataPosition,
     TrainingRows,
     vae_config_latent_stats,
@@ -105,13 +105,17 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def precompute_raw_data(args: argparse.Namespace, base: BaseModel) -> Path:
-    """--train_data_dir: build (or finish, or reuse) OUTPUT_DIR/cache with precompute_latents.py's own code."""
+    """--train_data_dir or --data_config: build (or finish, or reuse) OUTPUT_DIR/cache with precompute_latents.py's
+    own code."""
+    from sdxl_ztsnr.data_config import load_data_config
     from sdxl_ztsnr.precompute import FolderInputs
     from sdxl_ztsnr.precompute_run import DECODE_WORKERS, format_summary, run_precompute
 
     cache_dir = Path(args.output_dir) / "cache"
     result = run_precompute(
-        FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask),
+        load_data_config(args.data_config)
+        if args.data_config
+        else FolderInputs(args.train_data_dir, args.mask_dir, args.alpha_mask),
         cache_dir,
         base.path,
         base.vae_path,
@@ -167,22 +171,42 @@ def load_training_data(
     captions = CaptionSettings(
         args.proportion_empty_prompts, args.keep_tokens, args.tag_dropout, args.text_online
     )
+    data_config = None
+    if args.data_config:
+        from sdxl_ztsnr.data_config import load_data_config
+
+        data_config = load_data_config(args.data_config)
+        for note in data_config.notes:
+            logger.info(note)
     return open_training_rows(
         source,
         base,
         accelerator.device,
         captions,
         tags,
-        args.resolution,
+        None if data_config else args.resolution,  # several sources: each its own resolution
         args.validation_rows,
         args.seed,
         args.normalize_latents,
         args.dataloader_num_workers,
         "require" if args.masked_loss else "ignore" if args.no_masked_loss else "auto",
         text,
+        data_config=data_config,
     )
 
 
+def run_config(args: argparse.Namespace, data: TrainingRows) -> dict:
+    """training_config.json: the flags, and for several sources what each one holds and skipped."""
+    from sdxl_ztsnr.source_cache import source_summary
+
+    config = saved_options(args)
+    summary = source_summary(data.metadata)
+    if summary:
+        counts = data.source_row_counts()
+        for entry, rows, samples in zip(summary, counts, data.epoch_counts, strict=True):
+            entry.update(training_rows=rows, samples_per_epoch=samples)
+        config[DATA_SOURCES_KEY] = summary
+    return config
 def save_checkpoint(args, accelerator, step: int, position: DataPosition, run_id: str) -> None:
     """accelerate state + trainer_state.json: the position in the data order and what it means.
 
@@ -223,7 +247,7 @@ def save_outputs(
             weights,
             model,
             base,
-            saved_options(args),
+            run_config(args, data),
             run_id,
             step,
             ztsnr=not args.no_ztsnr,
@@ -356,12 +380,8 @@ def main(args: argparse.Namespace) -> dict:
     # The text encoders train with --train_text_encoder (and encode the captions then); else stay frozen.
     text = unet_settings.trained_text_encoders(args, base, accelerator.distributed_type)
     data = load_training_data(args, accelerator, base, text)
-    sampler = BucketBatchSampler(
-        data.train_buckets,
-        args.train_batch_size,
-        args.seed,
-        accelerator.process_index,
-        accelerator.num_processes,
+    sampler = data.sampler(
+        args.train_batch_size, args.seed, accelerator.process_index, accelerator.num_processes
     )
     accumulation = args.gradient_accumulation_steps
     # Accumulation cycles run across epoch ends: an epoch is a number of micro-batches, not of updates.
@@ -409,6 +429,12 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.step = 0  # checkpoints sit on update boundaries: the next micro-batch starts a cycle
     project = args.wandb_project if "wandb" in args.report_to else "sdxl_ztsnr"
     launch.init_trackers(accelerator, project, saved_options(args), args.wandb_run_name)
+    for entry in run_config(args, data).get(DATA_SOURCES_KEY, []):
+        logger.info(
+            "source %s: %d rows (%d training), %d samples per epoch; skipped %d inputs%s",
+            entry["name"], entry["rows"], entry["training_rows"], entry["samples_per_epoch"], entry["skipped"],
+            "".join(f", {k}: {n}" for k, n in entry["skipped_by_kind"].items()),
+        )  # fmt: skip
     logger.info(
         "%d training rows, %d buckets, %d global batches of %d per epoch, %d steps",
         len(data.train_ids), len(sampler.rows_by_bucket), len(sampler), sampler.global_batch_size, max_steps,

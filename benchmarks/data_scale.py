@@ -3,6 +3,7 @@ cache grows, and how many rows per second it delivers. Prints three tables.
 
     python benchmarks/data_scale.py                           # all three, ~5 min on a 2-core CPU
     python benchmarks/data_scale.py --parts memory --rows 1000 100000 1000000
+    python benchmarks/data_scale.py --parts sources          # 3 sources vs 1 of the same total rows
 
 1. bytes per row at 1024² in both cache modes, from arrow files written by the cache's own writer (and the
    parquet `--push_to_hub` uploads): cached text (latents (4, 128, 128) + prompt_embeds (77·k, 2048) +
@@ -17,6 +18,10 @@ cache grows, and how many rows per second it delivers. Prints three tables.
    ≈ 10 samples/s that one H200 trains at 1024² (DESIGN.md's anchors: 8.95-12.2 samples/s eager).
    On the CPU device the fp16 -> fp32 conversion of prompt embeddings runs on the CPU too (on a GPU it runs
    there): these numbers are a lower bound.
+4. (--parts sources) 3 sources against 1 source of the same total: precompute throughput (the tiny SDXL on the
+   CPU over --source_images demo images; 1 source through precompute as before, 3 through a data config's
+   precompute_sources) and the trainer's data-path memory (part 2's probe over a --source_rows synthetic cache,
+   merged from 3 source caches with repeats and a regularisation source, against one cache), alternating.
 
 `write_synthetic_cache` builds a real cache directory (shards, merge, metadata, tag frequencies, pad chunk)
 through sdxl_ztsnr.cache, so load_cache/open_cache and the trainer read it as any other.
@@ -63,6 +68,7 @@ def synthetic_rows(
     tags_per_row: int = 25,
     vocabulary: int = 20_000,
     seed: int = 0,
+    prefix: str = "",
 ) -> list[dict]:
     """Cache rows start .. start+count−1: random fp16 latents (4, s, s) (s = bucket/8 when latent_side is None),
     prompt_embeds (77·chunks, embed_dim) and pooled (1280,) unless embed_dim is None (--text_online), buckets
@@ -81,7 +87,7 @@ def synthetic_rows(
             "target_size": list(bucket),
             "bucket": list(bucket),
             "tags": [f"tag_{t:05d}" for t in dict.fromkeys(ranks[offset].tolist())],
-            "source": f"images/{index:08d}.jpg",
+            "source": f"{prefix}images/{index:08d}.jpg",
             "flipped": False,
         }
         row["prompt"] = ", ".join(row["tags"])
@@ -102,6 +108,7 @@ def write_synthetic_cache(
     chunks: int = 1,
     shard_rows: int = 10_000,
     seed: int = 0,
+    prefix: str = "",
 ) -> Path:
     """A finished cache directory of `num_rows` synthetic rows written through sdxl_ztsnr.cache (write_shard,
     finalize_cache); embed_dim None makes a --text_online cache."""
@@ -115,14 +122,14 @@ def write_synthetic_cache(
         "resolution": 1024,
         "buckets": [list(b) for b in BUCKETS],
         "input_kind": "synthetic",
-        "inputs_fingerprint": f"synthetic-{num_rows}-{latent_side}-{embed_dim}-{chunks}-{seed}",
+        "inputs_fingerprint": f"synthetic-{num_rows}-{latent_side}-{embed_dim}-{chunks}-{seed}-{prefix}",
         "shard_size": shard_rows,
     }
     cache.check_or_start(out_dir, settings)
     for shard in range(num_shards):
         start = shard * shard_rows
         rows = synthetic_rows(
-            start, min(shard_rows, num_rows - start), latent_side, embed_dim, chunks, seed=seed
+            start, min(shard_rows, num_rows - start), latent_side, embed_dim, chunks, seed=seed, prefix=prefix
         )
         welford = WelfordState.empty(4)
         for row in rows[:64]:  # a sample is enough for statistics nobody reads here
@@ -200,7 +207,7 @@ def memory_now() -> dict:
 def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
     """The trainer's data path stage by stage, resident memory after each (run in a fresh process)."""
     from sdxl_ztsnr.tags import load_tag_frequencies, scale_tag_weights, tag_factors
-    from sdxl_ztsnr.train_data import BucketBatchSampler, TrainingRows, split_rows, training_tag_weights
+    from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_weights
 
     stages = []
 
@@ -234,8 +241,18 @@ def memory_probe(cache_dir: str, batches: int, num_workers: int) -> list[dict]:
         encode=encode,
         num_workers=num_workers,
     )
+    if metadata.get("sources"):  # what open_training_rows adds for a cache of several sources
+        from sdxl_ztsnr.source_cache import row_sources
+        from sdxl_ztsnr.train_data import SourceCaptions, source_epoch_counts
+
+        data.source_names, data.row_source = row_sources(metadata, len(dataset))
+        data.source_captions = [SourceCaptions() for _ in data.source_names]
+        repeats = [e["config"]["repeats"] for e in metadata["sources"]]
+        data.epoch_counts = source_epoch_counts(data.source_row_counts(), repeats)
+        loss = torch.tensor([0.5 if e["config"]["is_regularisation"] else 1.0 for e in metadata["sources"]])
+        data.sample_weights = weights * loss[torch.from_numpy(data.row_source.astype(np.int64))]
     record("TrainingRows")
-    sampler = BucketBatchSampler(data.train_buckets, 4, seed=0, rank=0, world_size=1)
+    sampler = data.sampler(4, seed=0)
     record("BucketBatchSampler")
     seen = 0
     for _ in data.stream(sampler, torch.device("cpu"), seed=0):
@@ -270,6 +287,141 @@ def measure_memory(
         )
         shutil.rmtree(directory)
     return results
+
+
+# --- 4. several sources against one of the same total rows ----------------------------------------------------
+
+
+def write_synthetic_sources(
+    out_dir: Path, rows: int, parts: int, latent_side: int, embed_dim: int | None
+) -> Path:
+    """A --data_config cache of `parts` synthetic sources (rows split evenly; the last one a regularisation
+    source, one repeats 2) merged by source_cache.merge_sources, as precompute leaves it."""
+    from sdxl_ztsnr.data_config import DataConfig, SourceConfig
+    from sdxl_ztsnr.source_cache import merge_sources, source_dir
+
+    sizes = [rows // parts + (i < rows % parts) for i in range(parts)]
+    sources = tuple(
+        SourceConfig(
+            name=f"s{i}",
+            train_data_dir=f"synthetic/s{i}",
+            repeats=2 if i == 1 else 1,
+            is_regularisation=parts > 1 and i == parts - 1,
+            prior_loss_weight=0.5,
+        )
+        for i in range(parts)
+    )
+    metadata = {}
+    for source, size in zip(sources, sizes, strict=True):
+        directory = write_synthetic_cache(
+            source_dir(out_dir, source.name), size, latent_side, embed_dim, prefix=f"{source.name}/"
+        )
+        metadata[source.name] = cache.read_json(directory / cache.METADATA_FILE)
+    merge_sources(out_dir, DataConfig("synthetic.toml", sources), metadata)
+    return out_dir
+
+
+def precompute_images(root: Path, count: int, parts: int) -> list[Path]:
+    """`count` demo images (with captions) split over `parts` folders."""
+    from sdxl_ztsnr.demo_data import write_demo_dataset
+
+    every = root / "all"
+    if not every.is_dir():
+        write_demo_dataset(every, n=count, seed=0)
+    images = sorted(p for p in every.iterdir() if p.suffix != ".txt")
+    folders = []
+    for i in range(parts):
+        folder = root / f"{parts}-sources" / f"s{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in images[i::parts]:
+            for path in (image, image.with_suffix(".txt")):
+                if not (folder / path.name).exists():
+                    os.link(path, folder / path.name)
+        folders.append(folder)
+    return folders
+
+
+def measure_sources(workdir: Path, images: int, rows: int, repeats: int, latent_side: int, batches: int):
+    """Precompute throughput (tiny SDXL on the CPU, demo images) and the trainer's data-path memory (synthetic
+    caches, fresh processes) of 3 sources against 1 source with the same total, alternating, `repeats` times."""
+    import datasets
+
+    from sdxl_ztsnr import precompute
+    from sdxl_ztsnr.data_config import DataConfig, SourceConfig
+    from sdxl_ztsnr.inputs import FolderInputs
+    from sdxl_ztsnr.source_cache import precompute_sources
+    from sdxl_ztsnr.source_inputs import open_source
+    from sdxl_ztsnr.text_encoding import load_text_encoders
+    from sdxl_ztsnr.tiny import build_tiny_sdxl
+
+    datasets.disable_progress_bars()  # as precompute_run does: save_to_disk's per-shard bars are noise
+    model = build_tiny_sdxl(workdir / "tiny", seed=0)
+    models = (precompute.load_vae(str(model)), *load_text_encoders(model))
+    settings = dict(resolution=128, bucket_step=32, shard_size=64, progress=False, num_workers=0)
+    folders = {parts: precompute_images(workdir / "images", images, parts) for parts in (1, 3)}
+    results = []
+    for attempt in range(repeats):
+        for parts in (1, 3) if attempt % 2 == 0 else (3, 1):
+            out = workdir / f"precompute-{parts}"
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            if parts == 1:  # the single-source path as it was: no data config
+                done = precompute.precompute(FolderInputs(folders[1][0]), out, *models, **settings)
+            else:
+                config = DataConfig("bench.toml", tuple(SourceConfig(f.name, str(f)) for f in folders[parts]))
+                done = precompute_sources(
+                    config,
+                    out,
+                    lambda inputs, d, **kw: precompute.precompute(inputs, d, *models, **kw),
+                    open_source,
+                    **settings,
+                )
+            seconds = time.perf_counter() - start
+            rows_done = done["metadata"]["counts"]["rows"]
+            results.append(dict(what="sources_precompute", sources=parts, images=rows_done, seconds=seconds,
+                                images_per_s=rows_done / seconds))  # fmt: skip
+    for attempt in range(repeats):
+        for parts in (1, 3) if attempt % 2 == 0 else (3, 1):
+            directory = workdir / f"memory-sources-{parts}"
+            shutil.rmtree(directory, ignore_errors=True)
+            write_synthetic_sources(directory, rows, parts, latent_side, None)
+            command = [sys.executable, __file__, "--_memory_probe", str(directory), "--batches", str(batches)]
+            done = subprocess.run(
+                command + ["--max_workers", "0"], capture_output=True, text=True, check=True
+            )
+            stages = json.loads(done.stdout.strip().splitlines()[-1])
+            results.append(dict(what="sources_memory", sources=parts, rows=rows, stages=stages))
+            shutil.rmtree(directory)
+    return results
+
+
+def print_sources(results: list[dict]) -> None:
+    def median(values):
+        return float(np.median(values))
+
+    pre = {p: [r for r in results if r["what"] == "sources_precompute" and r["sources"] == p] for p in (1, 3)}
+    mem = {p: [r for r in results if r["what"] == "sources_memory" and r["sources"] == p] for p in (1, 3)}
+    print("\n3 sources against 1 source of the same total (median of the runs; ratio = 3 / 1)")
+    print(f"{'measure':<52}{'1 source':>10}{'3 sources':>11}{'ratio':>8}   runs (1 | 3)")
+
+    def line(label: str, ones: list[float], threes: list[float]) -> None:
+        a, b = median(ones), median(threes)
+        runs = f"{' '.join(f'{v:.2f}' for v in ones)} | {' '.join(f'{v:.2f}' for v in threes)}"
+        print(f"{label:<52}{a:>10.2f}{b:>11.2f}{b / a:>8.3f}   {runs}")
+
+    images = pre[1][0]["images"]
+    line(
+        f"precompute, images/s ({images} images, tiny SDXL, CPU)",
+        [r["images_per_s"] for r in pre[1]],
+        [r["images_per_s"] for r in pre[3]],
+    )
+    rows = mem[1][0]["rows"]
+    for key, label in (("RssAnon", "private"), ("VmHWM", "peak resident")):
+        line(
+            f"trainer data path, {label} MiB ({rows} rows)",
+            [r["stages"][-1][key] for r in mem[1]],
+            [r["stages"][-1][key] for r in mem[3]],
+        )
 
 
 # --- 3. rows per second -------------------------------------------------------------------------------------
@@ -379,9 +531,12 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=["bytes", "memory", "throughput"],
+        choices=["bytes", "memory", "throughput", "sources"],
         default=["bytes", "memory", "throughput"],
     )
+    parser.add_argument("--source_images", type=int, default=96, help="sources: images precomputed per run")
+    parser.add_argument("--source_rows", type=int, default=30_000, help="sources: rows of the memory caches")
+    parser.add_argument("--source_repeats", type=int, default=3, help="sources: runs of each, alternating")
     parser.add_argument("--rows", nargs="+", type=int, default=[1000, 100_000], help="cache sizes for memory")
     parser.add_argument("--latent_side", type=int, default=8, help="memory caches: latents (4, s, s)")
     parser.add_argument(
@@ -418,6 +573,17 @@ def main() -> None:
             memory = measure_memory(workdir, args.rows, args.latent_side, embed_dim, args.batches, 0)
             results += memory
             print_memory(memory)
+        if "sources" in args.parts:
+            sources = measure_sources(
+                workdir,
+                args.source_images,
+                args.source_rows,
+                args.source_repeats,
+                args.latent_side,
+                args.batches,
+            )
+            results += sources
+            print_sources(sources)
         if "throughput" in args.parts:
             speed = measure_throughput(workdir, args.throughput_rows, args.max_workers, args.batches, 4)
             results += speed

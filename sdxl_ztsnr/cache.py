@@ -23,7 +23,8 @@ Columns (fp16 tensors as nested lists, so any datasets formatter returns them in
 Nested lists of fixed rank keep every column a plain arrow type (parquet, polars and the Hub viewer read
 it). datasets' torch formatter turns a 1024², 3-chunk row into float32 tensors in ~15 ms; `rows_as_tensors`
 reads the same rows straight from arrow as fp16 in ~1 ms (the fast path for training).
-Several ranks (and several nodes) must see the same output_dir (shared filesystem); the merged dataset
+A --data_config cache holds one such cache per source under sources/<name>/ and the merged view on top (see
+source_cache.py). Several ranks (and several nodes) must see the same output_dir (shared filesystem); the merged dataset
 reads its data from shards/, so move or copy the directory whole.
 """
 

@@ -170,14 +170,14 @@ def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         return image
 
 
-def read_caption(image_path: str | os.PathLike, allow_empty: bool = False) -> str:
-    """The caption in `<stem>.txt` beside the image, UTF-8 (a BOM is dropped), CRLF/CR as LF, stripped.
+def read_caption(image_path: str | os.PathLike, allow_empty: bool = False, extension: str = ".txt") -> str:
+    """The caption in `<stem><extension>` (default `.txt`) beside the image, UTF-8 (a BOM is dropped), CRLF/CR as LF, stripped.
 
     Raises BadInputError (naming the image) for a missing, unreadable, non-UTF-8 or (unless allow_empty)
     empty caption file; undecodable captions are skipped, never stored as mojibake.
     """
     image_path = Path(image_path)
-    caption_path = image_path.with_suffix(".txt")
+    caption_path = image_path.with_suffix(extension)
     try:
         data = caption_path.read_bytes()
     except FileNotFoundError:

@@ -204,7 +204,14 @@ def prepare_input(
             image, mask, caption, path = load_masked(index, max_image_pixels, allow_empty_captions)
         else:
             (image, caption, path), mask = inputs.load(index, max_image_pixels, allow_empty_captions), None
-        tags = parse_tags(caption)
+        # A data-config source keeps each line of a caption as its own caption (one is picked per step).
+        lines = (
+            [parse_tags(line) for line in caption.split("\n")]
+            if getattr(inputs, "caption_lines", False)
+            else []
+        )
+        lines = [line for line in lines if line]
+        tags = list(dict.fromkeys(tag for line in lines for tag in line)) if lines else parse_tags(caption)
         if not tags and not allow_empty_captions:
             raise BadInputError(
                 path, "empty caption after parsing tags; pass --allow_empty_captions to keep it"
@@ -239,9 +246,8 @@ def prepare_input(
                     "mask": latent_weights,
                 }
             )
-        item.update(
-            prompt=", ".join(tags), tags=tags, upscaled=max(bucket[0] / height, bucket[1] / width) > 1
-        )
+        prompt = "\n".join(", ".join(line) for line in lines) if len(lines) > 1 else ", ".join(tags)
+        item.update(prompt=prompt, tags=tags, upscaled=max(bucket[0] / height, bucket[1] / width) > 1)
     except BadInputError as e:
         item.update(skipped=(e.path, e.reason), samples=[])
     except Exception as e:  # a decoder bug must not end an overnight run; record it like any bad input

@@ -73,6 +73,7 @@ def add_image_source_options(
 ) -> argparse._ArgumentGroup:
     """Where images (and their captions) come from: a folder or a Hugging Face dataset."""
     data = parser.add_argument_group(title)
+    add_data_config_option(data)
     data.add_argument("--train_data_dir", "--data_dir", default=None, help=folder_help)
     data.add_argument("--dataset_name", default=None, help=dataset_help)
     data.add_argument("--dataset_split", default="train")
@@ -101,6 +102,17 @@ def add_image_source_options(
         add_mask_source_options(data, "")
     data.add_argument("--max_image_pixels", type=int, default=None, help="decompression-bomb limit (w·h)")
     return data
+
+
+def add_data_config_option(group: argparse._ArgumentGroup) -> None:
+    """--data_config: several sources (folders, datasets, streams) with their own repeats, captions and buckets."""
+    group.add_argument(
+        "--data_config",
+        "--dataset_config",
+        default=None,
+        help="a TOML of [[datasets]] tables, one source each (kohya's [[datasets.subsets]] and SimpleTuner's "
+        "backend JSON are read too): instead of --train_data_dir / --dataset_name; see the README's Datasets",
+    )
 
 
 def add_mask_source_options(group: argparse._ArgumentGroup, what: str) -> None:

@@ -180,7 +180,8 @@ class _Encoder:
         outputs = [latents.to(torch.float16)]  # (B, C, H/8, W/8), fp16 on disk
         chunks = None
         if self.text_encoders is not None:
-            prompts = [item["prompt"] for item, _ in entries]
+            # A caption of several lines (data config) stores all of them; the cached embedding is of the first.
+            prompts = [item["prompt"].split("\n", 1)[0] for item, _ in entries]
             needed = count_chunks(prompts, self.tokenizers, max_chunks=1 << 30)
             chunks = [min(n, self.max_chunks) for n in needed]
             shard.truncated += sum(

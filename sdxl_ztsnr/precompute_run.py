@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 
 from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.data_config import DataConfig
 from sdxl_ztsnr.precompute import Hook, load_vae, precompute
+from sdxl_ztsnr.source_cache import precompute_sources
+from sdxl_ztsnr.source_inputs import open_source
 from sdxl_ztsnr.text_encoding import load_text_encoders
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,7 +36,7 @@ def process_state():
 
 
 def run_precompute(
-    inputs,
+    inputs,  # a precompute source, or a DataConfig of several
     output_dir: str | os.PathLike,
     model: str,
     vae_model: str | None = None,
@@ -62,19 +65,32 @@ def run_precompute(
             text_encoder_dtype = "fp16" if state.device.type == "cuda" else "fp32"
         tokenizers, text_encoders = load_text_encoders(model, DTYPES[text_encoder_dtype], state.device)
     info = {"model": {"pretrained_model_name_or_path": model, "pretrained_vae_model_name_or_path": vae_model}}
-    return precompute(
-        inputs,
-        output_dir,
-        vae,
-        tokenizers,
-        text_encoders,
-        rank=state.process_index,
-        world_size=state.num_processes,
-        barrier=state.wait_for_everyone if state.num_processes > 1 else None,
-        hook=hook,
-        info=info,
-        **settings,
-    )
+
+    def run_one(source_inputs, directory, **more) -> dict:
+        return precompute(
+            source_inputs,
+            directory,
+            vae,
+            tokenizers,
+            text_encoders,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            barrier=state.wait_for_everyone if state.num_processes > 1 else None,
+            hook=hook,
+            info=info,
+            **more,
+        )
+
+    if isinstance(inputs, DataConfig):  # several sources: one cache each under sources/, merged at the top
+        return precompute_sources(
+            inputs,
+            output_dir,
+            run_one,
+            lambda s: open_source(s, inputs.path),
+            state.process_index,
+            **settings,
+        )
+    return run_one(inputs, output_dir, **settings)
 
 
 def format_summary(result: dict, output_dir: str) -> str:
@@ -96,6 +112,12 @@ def format_summary(result: dict, output_dir: str) -> str:
     if metadata is not None:
         counts = metadata["counts"]
         lines.append(f"cache {output_dir}: {counts['rows']} rows from {counts['inputs']} inputs")
+        for entry in metadata.get("sources", []):
+            kinds = ", ".join(f"{k}: {n}" for k, n in entry["skipped_by_kind"].items())
+            lines.append(
+                f"  source {entry['name']}: {entry['rows']} rows from {entry['inputs']} inputs, "
+                f"{entry['skipped']} skipped" + (f" ({kinds})" if kinds else "")
+            )
         lines.append(
             f"skipped: {counts['skipped']}"
             + "".join(f"\n  {k}: {n}" for k, n in counts["skipped_by_kind"].items())

@@ -21,6 +21,8 @@ from sdxl_ztsnr.console import UserError
 # What training_config.json leaves out: secrets.
 NOT_SAVED = ("hub_token",)
 CONFIG_FILE_FLAG = "--config_file"
+# What training_config.json reports beside the flags (per-source counts of a --data_config run); read back, ignored.
+DATA_SOURCES_KEY = "data_sources"
 
 
 def saved_options(args: argparse.Namespace) -> dict:
@@ -48,6 +50,8 @@ def _read_config_file(path: Path) -> dict:
         raise UserError(f"{CONFIG_FILE_FLAG} {path}: must hold a table of options")
     flat: dict[str, tuple[str, object]] = {}  # key -> (where it was written, value)
     for key, value in data.items():
+        if key == DATA_SOURCES_KEY and path.suffix.lower() == ".json":
+            continue  # a report of the run, not an option
         if isinstance(value, dict):  # [section] of kohya's config files: the names inside are flags
             for inner, inner_value in value.items():
                 if isinstance(inner_value, dict):

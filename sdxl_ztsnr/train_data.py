@@ -16,7 +16,7 @@ from sdxl_ztsnr.cache import rows_as_tensors
 from sdxl_ztsnr.keyed_random import keyed_uniform, sample_seeds
 from sdxl_ztsnr.masks import batch_loss_mask
 from sdxl_ztsnr.schedule import resolution_shift
-from sdxl_ztsnr.tags import shuffle_and_drop_tags
+from sdxl_ztsnr.tags import parse_tags, shuffle_and_drop_tags
 from sdxl_ztsnr.text_encoding import pad_prompt_embeds
 from sdxl_ztsnr.training import to_device_async
 
@@ -31,6 +31,12 @@ class BucketBatchSampler:
     all buckets are shuffled together. The order depends on the global batch size only: N processes × batch B
     see exactly the batches that 1 process × batch N·B sees, and a checkpoint's position (epoch, batch) means
     the same thing for both.
+
+    Several sources (``row_sources``: each row's source index, ``epoch_counts``: samples per epoch of each
+    source, see ``source_epoch_counts``): a source's count is dealt to its buckets in proportion to its rows
+    there (largest remainder, fixed for the run, so every epoch has the same batches per bucket); per epoch a
+    (source, bucket) group of n rows with count k contributes every row k // n times and k % n of its rows once
+    more (a fresh draw each epoch). Repeats are then exact, and weights hold to a row per bucket.
     """
 
     def __init__(
@@ -40,6 +46,8 @@ class BucketBatchSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        row_sources: Sequence[int] | np.ndarray | None = None,
+        epoch_counts: Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -59,9 +67,18 @@ class BucketBatchSampler:
         self.global_batch_size = batch_size * world_size
         self.epoch = 0
         self.start_batch = 0
-        self.batches_per_epoch = sum(
-            -(-len(rows) // self.global_batch_size) for rows in self.rows_by_bucket.values()
-        )
+        # (bucket) -> [(rows of one source there, samples per epoch)]; None: every row once (one source)
+        self.groups: dict[tuple[int, int], list[tuple[np.ndarray, int]]] | None = None
+        if row_sources is not None:
+            self.groups = _source_groups(self.rows_by_bucket, np.asarray(row_sources), list(epoch_counts))
+        samples = {
+            bucket: len(rows) if self.groups is None else sum(k for _, k in self.groups[bucket])
+            for bucket, rows in self.rows_by_bucket.items()
+        }
+        if not sum(samples.values()):
+            raise ValueError("the training set is empty: no rows to sample batches from")
+        self.samples_per_epoch = sum(samples.values())
+        self.batches_per_epoch = sum(-(-n // self.global_batch_size) for n in samples.values())
         self._cached: tuple[int, np.ndarray] | None = None
 
     @property
@@ -81,7 +98,12 @@ class BucketBatchSampler:
         size = self.global_batch_size
         parts = []
         for bucket in sorted(self.rows_by_bucket):
-            rows = rng.permutation(self.rows_by_bucket[bucket])
+            if self.groups is None:
+                rows = rng.permutation(self.rows_by_bucket[bucket])
+            else:
+                rows = rng.permutation(_epoch_rows(self.groups[bucket], rng))
+                if not len(rows):
+                    continue
             refill = (-len(rows)) % size  # the last partial batch takes rows of the same bucket again
             parts.append(np.concatenate([rows, rows[np.arange(refill) % len(rows)]]).reshape(-1, size))
         batches = np.concatenate(parts)[rng.permutation(self.batches_per_epoch)]
@@ -104,6 +126,56 @@ class BucketBatchSampler:
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+def source_epoch_counts(
+    rows_per_source: Sequence[int], repeats: Sequence[int], weights: Sequence[float] | None = None
+) -> list[int]:
+    """Samples per epoch of each source: rows × repeats (kohya's num_repeats); with ``weights``, shares of the
+    total row count (the epoch is as long as one pass over every row), by largest remainder."""
+    rows = np.asarray(rows_per_source, dtype=np.int64)
+    if weights is None:
+        return [int(n) * int(r) for n, r in zip(rows, repeats, strict=True)]
+    w = np.asarray(weights, dtype=np.float64)
+    return _largest_remainder(w / w.sum() * rows.sum(), int(rows.sum()))
+
+
+def _largest_remainder(quotas: np.ndarray, total: int) -> list[int]:
+    """Integers summing to ``total`` as close to ``quotas`` as possible (Hamilton's method; ties: first)."""
+    counts = np.floor(quotas).astype(np.int64)
+    left = total - int(counts.sum())
+    if left > 0:
+        order = np.argsort(-(quotas - counts), kind="stable")
+        counts[order[:left]] += 1
+    return counts.tolist()
+
+
+def _source_groups(
+    rows_by_bucket: dict[tuple[int, int], np.ndarray], row_sources: np.ndarray, epoch_counts: list[int]
+) -> dict[tuple[int, int], list[tuple[np.ndarray, int]]]:
+    """Each source's epoch count dealt to its buckets in proportion to its rows there."""
+    buckets = sorted(rows_by_bucket)
+    groups: dict[tuple[int, int], list[tuple[np.ndarray, int]]] = {b: [] for b in buckets}
+    for source, count in enumerate(epoch_counts):
+        parts = [(b, rows_by_bucket[b][row_sources[rows_by_bucket[b]] == source]) for b in buckets]
+        parts = [(b, rows) for b, rows in parts if len(rows)]
+        if not parts:
+            continue
+        sizes = np.asarray([len(rows) for _, rows in parts], dtype=np.float64)
+        for (bucket, rows), k in zip(
+            parts, _largest_remainder(sizes / sizes.sum() * count, count), strict=True
+        ):
+            groups[bucket].append((rows, k))
+    return groups
+
+
+def _epoch_rows(groups: list[tuple[np.ndarray, int]], rng: np.random.Generator) -> np.ndarray:
+    """One epoch's rows of a bucket: each group's rows k // n times, and k % n of them drawn once more."""
+    parts = []
+    for rows, k in groups:
+        full, extra = divmod(k, len(rows))
+        parts += [rows] * full + [rng.permutation(rows)[:extra]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -219,6 +291,9 @@ class _BatchReader(torch.utils.data.Dataset):
             "packed": packed,
             "layout": layout,
             "tags": [r["tags"] for r in rows] if self.with_tags else None,
+            # several caption lines (data config): the line is picked per step from the prompt
+            "prompts": [r["prompt"] for r in rows] if self.with_tags else None,
+            "row_ids": rows_ids,
         }
 
 
@@ -233,6 +308,17 @@ def batch_loader(reader, sampler, num_workers: int, device: torch.device) -> tor
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
+
+
+@dataclass(frozen=True)
+class SourceCaptions:
+    """How one source's captions change each step (a data config's keep_tokens, shuffle_tags, tag_dropout,
+    caption_dropout, with the command line's values where the source gives none)."""
+
+    keep_tokens: int = 0
+    shuffle: bool = True
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
 
 
 @dataclass
@@ -260,6 +346,12 @@ class TrainingRows:
     num_workers: int = 0
     encode_in_step: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
     buckets: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))  # (rows, 2) [h, w]
+    # Several sources (a data config's cache): each row's source index, the sources' names, captions and
+    # samples per epoch (source_epoch_counts); None for a single source.
+    row_source: np.ndarray | None = None  # (rows,) int32
+    source_names: list[str] = field(default_factory=list)
+    source_captions: list[SourceCaptions] | None = None
+    epoch_counts: list[int] | None = None
     _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -267,6 +359,20 @@ class TrainingRows:
         self.buckets = pc.list_flatten(column).to_numpy().reshape(-1, 2)
         self.train_ids = np.asarray(self.train_ids, dtype=np.int64)
         self.validation_ids = np.asarray(self.validation_ids, dtype=np.int64)
+
+    def sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
+        """The training rows' batch sampler, with each source's samples per epoch where there are several."""
+        sources = (
+            None if self.row_source is None or self.epoch_counts is None else self.row_source[self.train_ids]
+        )
+        return BucketBatchSampler(
+            self.train_buckets, batch_size, seed, rank, world_size, sources, self.epoch_counts
+        )
+
+    def source_row_counts(self, ids: np.ndarray | None = None) -> list[int]:
+        """Rows of each source among ``ids`` (default: the training rows)."""
+        ids = self.train_ids if ids is None else ids
+        return np.bincount(self.row_source[ids], minlength=len(self.source_names)).tolist()
 
     @property
     def train_buckets(self) -> np.ndarray:
@@ -292,13 +398,16 @@ class TrainingRows:
             if keys is not None:
                 seeds = sample_seeds(*keys, "tags")
                 prompts = [
-                    ", ".join(
-                        shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout, random.Random(seed))
+                    self._caption(tags, prompt, row, random.Random(seed))
+                    for tags, prompt, row, seed in zip(
+                        batch["tags"], batch["prompts"], batch["row_ids"], seeds, strict=True
                     )
-                    for tags, seed in zip(batch["tags"], seeds, strict=True)
                 ]
-            else:
-                prompts = [", ".join(tags) for tags in batch["tags"]]
+            else:  # held out: the caption as stored (the first line of several)
+                prompts = [
+                    prompt.split("\n", 1)[0] if "\n" in prompt else ", ".join(tags)
+                    for tags, prompt in zip(batch["tags"], batch["prompts"], strict=True)
+                ]
             if keys is None or self.encode_in_step is None:  # else encoded in the step: encode_text
                 encoded, prompts = self.encode(prompts), None
         # One transfer for the whole batch (pinned by the DataLoader on CUDA), then views.
@@ -310,8 +419,13 @@ class TrainingRows:
         keep = None
         if keys is not None:
             out["noise_seeds"] = sample_seeds(*keys, "noise")
-        if keys is not None and self.caption_dropout > 0:
-            keep = (keyed_uniform(sample_seeds(*keys, "caption")) >= self.caption_dropout).float()
+        dropout = torch.tensor(float(self.caption_dropout))
+        if self.source_captions is not None:  # per source: a (B,) threshold
+            dropout = torch.tensor(
+                [self.source_captions[self.row_source[r]].caption_dropout for r in batch["row_ids"]]
+            )
+        if keys is not None and (dropout > 0).any():
+            keep = (keyed_uniform(sample_seeds(*keys, "caption")) >= dropout).float()
             keep = to_device_async(keep, device)
         if prompts is not None:  # the text encoders train: the step encodes the captions (encode_text)
             out.pop("prompt_embeds", None), out.pop("pooled_prompt_embeds", None)  # a cache's, unused
@@ -322,6 +436,19 @@ class TrainingRows:
             mean, std = to_device_async(self.latents_mean, device), to_device_async(self.latents_std, device)
             out["latents"] = normalize_latents(out["latents"], mean, std)
         return out
+
+    def _caption(self, tags: list[str], prompt: str, row: int, rng: random.Random) -> str:
+        """A training caption: one line of several (keyed draw), then its source's (or the run's) tag shuffle,
+        kept tags and tag dropout."""
+        if "\n" in prompt:
+            tags = parse_tags(rng.choice(prompt.split("\n")))
+        if self.source_captions is None:
+            return ", ".join(shuffle_and_drop_tags(tags, self.keep_tokens, self.tag_dropout, rng))
+        rule = self.source_captions[self.row_source[row]]
+        if rule.shuffle:
+            return ", ".join(shuffle_and_drop_tags(tags, rule.keep_tokens, rule.tag_dropout, rng))
+        kept = [t for i, t in enumerate(tags) if i < rule.keep_tokens or rng.random() >= rule.tag_dropout]
+        return ", ".join(kept)
 
     def encode_text(self, batch: dict) -> dict:
         """A training batch with its text embeddings: the captions of an ``encode_in_step`` batch encoded now,

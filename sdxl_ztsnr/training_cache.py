@@ -13,11 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from sdxl_ztsnr.base_model import BaseModel
 from sdxl_ztsnr.console import UserError
-from sdxl_ztsnr.train_data import TrainingRows, split_rows, training_tag_frequencies, training_tag_weights
+from sdxl_ztsnr.data_config import DataConfig, SourceConfig
+from sdxl_ztsnr.train_data import (
+    SourceCaptions,
+    TrainingRows,
+    source_epoch_counts,
+    split_rows,
+    training_tag_frequencies,
+    training_tag_weights,
+)
 
 if TYPE_CHECKING:
     from sdxl_ztsnr.text_encoder_training import TrainedTextEncoders
@@ -65,13 +74,18 @@ def open_training_rows(
     num_workers: int = 0,
     masked_loss: MaskedLoss = "auto",
     trained_text: TrainedTextEncoders | None = None,
+    data_config: DataConfig | None = None,
 ) -> TrainingRows:
     """The cache as TrainingRows; ``resolution`` (when given) must be the cache's, its VAE and text encoders
     the base's. Tag weights have mean 1 over the training rows (all 1 with ``tag_weighting`` None). Batches
     carry a ``loss_mask`` where their rows have masks, unless ``masked_loss`` is "ignore".
 
     ``trained_text`` (--train_text_encoder): its encoders encode the captions, inside each step; the cache must
-    hold captions (its embeddings, if any, go unused)."""
+    hold captions (its embeddings, if any, go unused).
+
+    A cache of several sources samples each source as ``data_config`` says (or, without one, as the config it
+    was made from recorded): repeats or weights, regularisation rows' loss × prior_loss_weight, per-source
+    caption changes (which need online text encoding: ``captions.online``)."""
     from sdxl_ztsnr.cache import load_cache, load_pad_chunk, model_identity, open_cache
     from sdxl_ztsnr.precompute import load_vae
     from sdxl_ztsnr.tags import load_tag_classes, load_tag_frequencies, scale_tag_weights, tag_factors
@@ -122,6 +136,11 @@ def open_training_rows(
             raw, tag_weighting.min_weight, tag_weighting.max_weight
         )
 
+    sources = _source_rows(metadata, len(dataset), data_config, captions)
+    if sources is not None:  # regularisation rows: × their prior loss weight
+        loss = torch.tensor([c.loss_weight for c in sources["configs"]], dtype=torch.float32)
+        weights = weights * loss[torch.from_numpy(sources["row_source"].astype(np.int64))]
+
     encode = encode_in_step = None
     if training_text:
         max_chunks = metadata["settings"]["max_token_chunks"]
@@ -138,7 +157,7 @@ def open_training_rows(
     mean = std = None
     if normalize_latents:
         mean, std = torch.tensor(metadata["latents_mean"]), torch.tensor(metadata["latents_std"])
-    return TrainingRows(
+    rows = TrainingRows(
         dataset,
         metadata,
         train_ids,
@@ -154,6 +173,78 @@ def open_training_rows(
         num_workers,
         encode_in_step,
     )
+    if sources is not None:
+        rows.row_source, rows.source_names = sources["row_source"], sources["names"]
+        rows.source_captions = sources["captions"]
+        counts = rows.source_row_counts()
+        weighted = any(c.weight is not None for c in sources["configs"])
+        rows.epoch_counts = source_epoch_counts(
+            counts,
+            [c.repeats for c in sources["configs"]],
+            [c.weight for c in sources["configs"]] if weighted else None,
+        )
+        for name, config, n, k in zip(
+            rows.source_names, sources["configs"], counts, rows.epoch_counts, strict=True
+        ):
+            role = (
+                f", regularisation (loss × {config.prior_loss_weight:g})" if config.is_regularisation else ""
+            )
+            logger.info("source %s: %d training rows, %d samples per epoch%s", name, n, k, role)
+    return rows
+
+
+def _source_rows(metadata: dict, num_rows: int, data_config: DataConfig | None, captions: CaptionSettings):
+    """Each row's source and each source's config (from ``data_config``, else as the cache recorded them) and
+    caption rule; None for a single-source cache."""
+    from sdxl_ztsnr.source_cache import row_sources
+
+    if not metadata.get("sources"):
+        if data_config is not None:
+            raise UserError(
+                "--data_config with a cache made from one source: precompute it with --data_config (or drop it)"
+            )
+        return None
+    names, row_source = row_sources(metadata, num_rows)
+    if data_config is None:
+        recorded = [
+            SourceConfig(
+                **{
+                    **e["config"],
+                    "data_files": e["config"].get("data_files") and tuple(e["config"]["data_files"]),
+                }
+            )
+            for e in metadata["sources"]
+        ]
+        configs = recorded
+    else:
+        by_name = data_config.by_name()
+        missing = [n for n in names if n not in by_name]
+        extra = [n for n in by_name if n not in names]
+        if missing or extra:
+            raise UserError(
+                f"--data_config {data_config.path}: its sources ({', '.join(by_name)}) are not the cache's "
+                f"({', '.join(names)}); precompute the cache with this config first"
+            )
+        configs = [by_name[n] for n in names]
+        for entry, config in zip(metadata["sources"], configs, strict=True):
+            if entry.get("fingerprint") not in (None, config.fingerprint()):
+                recorded = entry["config"]
+                changed = [k for k, v in config.encoding_settings().items() if recorded.get(k) != v]
+                raise UserError(
+                    f"--data_config {data_config.path}: source {config.name!r} changed since the cache was made "
+                    f"({', '.join(changed) or 'its encoding settings'}); rerun precompute_latents.py with this "
+                    "config (only that source is re-encoded)"
+                )
+    rules = [
+        SourceCaptions(
+            keep_tokens=captions.keep_tokens if c.keep_tokens is None else c.keep_tokens,
+            shuffle=True if c.shuffle_tags is None else c.shuffle_tags,
+            tag_dropout=captions.tag_dropout if c.tag_dropout is None else c.tag_dropout,
+            caption_dropout=captions.dropout if c.caption_dropout is None else c.caption_dropout,
+        )
+        for c in configs
+    ]
+    return {"names": names, "row_source": row_source, "configs": configs, "captions": rules}
 
 
 def _masks_as_asked(dataset, metadata: dict, masked_loss: MaskedLoss, where: str | os.PathLike):

@@ -9,7 +9,12 @@ from collections.abc import Mapping, Sequence
 
 from sdxl_ztsnr.console import UserError
 from sdxl_ztsnr.optimizers import check_optimizer_name, check_per_parameter_optimizer, parse_optimizer_args
-from sdxl_ztsnr.options import add_ema_options, add_mask_source_options, resolve_aliases
+from sdxl_ztsnr.options import (
+    add_data_config_option,
+    add_ema_options,
+    add_mask_source_options,
+    resolve_aliases,
+)
 from sdxl_ztsnr.schedule import NUM_TRAIN_TIMESTEPS
 from sdxl_ztsnr.timestep_sampling import TIMESTEP_MODES, TimestepSampling
 
@@ -29,6 +34,9 @@ def add_training_data_options(parser: argparse.ArgumentParser) -> argparse._Argu
         default=None,
         help="raw folder of images + .txt tags; precomputed into OUTPUT_DIR/cache first",
     )
+    # Alone: precomputed into OUTPUT_DIR/cache first; with --precomputed_dir: its repeats, weights,
+    # regularisation and caption settings apply to that cache's sources.
+    add_data_config_option(data)
     data.add_argument(
         "--resolution",
         type=int,
@@ -296,12 +304,15 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--vae_learning_rate and --vae_max_train_steps are for the --finetune_vae stage")
     if args.finetune_vae and not args.train_data_dir:
         parser.error(
-            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents)"
+            "--finetune_vae trains on the images: give --train_data_dir (a cache holds only latents; for "
+            "several sources run train_vae.py --data_config after the UNet run)"
         )
     resolve_aliases(args)
-    if (args.precomputed_dir is None) == (args.train_data_dir is None):
+    if args.train_data_dir is not None and (args.precomputed_dir or args.data_config):
+        parser.error("--train_data_dir is one raw folder: give it alone, or use --data_config for several")
+    if not (args.precomputed_dir or args.train_data_dir or args.data_config):
         parser.error(
-            "give exactly one of --precomputed_dir (a latent cache) or --train_data_dir (raw images)"
+            "give --precomputed_dir (a latent cache), --train_data_dir (raw images) or --data_config (sources)"
         )
     if (args.mask_dir or args.alpha_mask) and not args.train_data_dir:
         parser.error(
@@ -328,7 +339,11 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         )
     # --tag_dropout / --keep_tokens change the caption each step, --train_text_encoder needs the captions
     # themselves: only online text encoding can do that.
-    changed = args.tag_dropout or args.keep_tokens or args.train_text_encoder
+    changed = bool(args.tag_dropout or args.keep_tokens or args.train_text_encoder)
+    if args.data_config:
+        from sdxl_ztsnr.data_config import load_data_config
+
+        changed = changed or load_data_config(args.data_config).online_captions  # fails early on a bad file
     args.text_online_implied = bool(changed and not args.text_online)
     args.text_online = args.text_online or args.text_online_implied
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:

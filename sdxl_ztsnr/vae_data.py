@@ -71,7 +71,61 @@ class DatasetImages:
         return image_from_cell(cell, self.source(index), max_pixels)
 
 
-ImageSource = FolderImages | DatasetImages
+class SourceImages:
+    """The images of a data config's sources, one after another (captions and regularisation mean nothing to a
+    VAE: every source's images are images); ``source_of`` (images,) is each image's source index."""
+
+    def __init__(self, config):
+        from sdxl_ztsnr.console import UserError
+
+        self.config, self.parts = config, []
+        for source in config:
+            where = f"{config.path}: source {source.name!r}"
+            if source.kind == "stream":
+                raise UserError(
+                    f"{where}: a streamed source cannot be read by train_vae.py (it decodes every "
+                    "image up front); use a folder or an HF dataset"
+                )
+            try:
+                part = (
+                    FolderImages(source.train_data_dir)
+                    if source.kind == "folder"
+                    else DatasetImages(source.dataset_name, source.image_column, source.dataset_split)
+                )
+            except UserError as error:
+                raise UserError(f"{where}: {error}") from None
+            self.parts.append(part)
+        sizes = [len(part) for part in self.parts]
+        self.source_of = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _part(self, index: int) -> tuple[int, int]:
+        source = int(self.source_of[index])
+        return source, index - int(self.offsets[source])
+
+    def source(self, index: int) -> str:
+        source, local = self._part(index)
+        return f"{self.config.sources[source].name}/{self.parts[source].source(local)}"
+
+    def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        source, local = self._part(index)
+        return self.parts[source].load(local, max_pixels)
+
+    def epoch_counts(self, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """(source index of each of ``indices``, each source's samples per epoch: repeats or weight shares)."""
+        from sdxl_ztsnr.train_data import source_epoch_counts
+
+        sources = self.source_of[np.asarray(indices, dtype=np.int64)]
+        rows = np.bincount(sources, minlength=len(self.parts)).tolist()
+        configs = self.config.sources
+        weights = [c.weight for c in configs] if any(c.weight is not None for c in configs) else None
+        return sources, source_epoch_counts(rows, [c.repeats for c in configs], weights)
+
+
+ImageSource = FolderImages | DatasetImages | SourceImages
 
 
 # -- the scan: decode every image once, skip and report the bad ones -------------------------------------------
@@ -222,8 +276,19 @@ class CropBatchSampler:
     ``sample_seed(seed, micro_batch, position in the global batch, stream)``.
     """
 
-    def __init__(self, images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.batches = BucketBatchSampler([(0, 0)] * images, batch_size, seed, rank, world_size)
+    def __init__(
+        self,
+        images: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        row_sources: Sequence[int] | None = None,
+        epoch_counts: Sequence[int] | None = None,
+    ):
+        self.batches = BucketBatchSampler(
+            [(0, 0)] * images, batch_size, seed, rank, world_size, row_sources, epoch_counts
+        )
         self.seed = seed
         self.first_micro_batch = 0
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdxl_ztsnr import checkpointing, lifecycle, options, vae_data, vae_metrics, vae_options, vae_training
@@ -48,6 +49,7 @@ class VaeRun:
     variant: str | None
     train_data_dir: str | None
     dataset_name: str | None
+    data_config: str | None
     dataset_split: str
     image_column: str
     max_image_pixels: int | None
@@ -140,7 +142,11 @@ def load_images(run, accelerator) -> tuple[vae_data.ImageSource, vae_data.ImageS
     """The image source, decoded once across all ranks; bad images listed in OUTPUT_DIR/skipped.jsonl."""
     from sdxl_ztsnr.images import DEFAULT_MAX_PIXELS
 
-    if run.train_data_dir:
+    if run.data_config:
+        from sdxl_ztsnr.data_config import load_data_config
+
+        images = vae_data.SourceImages(load_data_config(run.data_config))
+    elif run.train_data_dir:
         images = vae_data.FolderImages(run.train_data_dir)
     else:
         images = vae_data.DatasetImages(run.dataset_name, run.image_column, run.dataset_split)
@@ -469,7 +475,16 @@ def finetune_vae(run: VaeRun) -> dict:
         run.max_image_pixels or vae_data.DEFAULT_MAX_PIXELS,
     )
     rank, processes = accelerator.process_index, accelerator.num_processes
-    sampler = vae_data.CropBatchSampler(len(data.indices), run.train_batch_size, run.seed, rank, processes)
+    sources = counts = None
+    if isinstance(images, vae_data.SourceImages):  # several sources: their repeats or weights
+        sources, counts = images.epoch_counts(data.indices)
+        for config, n, k in zip(
+            images.config.sources, np.bincount(sources, minlength=len(counts)), counts, strict=True
+        ):
+            logger.info("source %s: %d training images, %d samples per epoch", config.name, n, k)
+    sampler = vae_data.CropBatchSampler(
+        len(data.indices), run.train_batch_size, run.seed, rank, processes, sources, counts
+    )
     accumulation = run.gradient_accumulation_steps
     max_steps = run.max_train_steps or math.ceil(run.num_train_epochs * len(sampler) / accumulation)
 

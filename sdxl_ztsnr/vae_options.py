@@ -96,8 +96,12 @@ def check_vae_finetune_args(parser: argparse.ArgumentParser, args: argparse.Name
 
     if (args.pretrained_model_name_or_path is None) and (args.pretrained_vae_model_name_or_path is None):
         parser.error("give --pretrained_model_name_or_path (its vae/) or --pretrained_vae_model_name_or_path")
-    if (args.train_data_dir is None) == (args.dataset_name is None):
-        parser.error("give exactly one of --train_data_dir (--data_dir) or --dataset_name")
+    if sum(map(bool, (args.train_data_dir, args.dataset_name, args.data_config))) != 1:
+        parser.error("give exactly one of --train_data_dir (--data_dir), --dataset_name or --data_config")
+    if args.data_config:
+        from sdxl_ztsnr.data_config import load_data_config
+
+        load_data_config(args.data_config)  # a bad file stops here, before models and images load
     resolve_aliases(args)
     if args.mixed_precision == "fp16":
         parser.error("--mixed_precision fp16: SDXL's VAE overflows in fp16; use bf16 or no")
