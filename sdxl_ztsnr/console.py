@@ -241,6 +241,25 @@ def make_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path
 # Script entry point.
 
 
+def read_config_file(path: Path, flag: str) -> object:
+    """A TOML file (JSON when it ends in .json) as Python data; a missing, unreadable or malformed file is one
+    line naming ``flag`` and the file."""
+    import json
+    import tomllib
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{flag} {path}: cannot be read ({error})") from None
+    is_json = path.suffix.lower() == ".json"
+    try:
+        return json.loads(text) if is_json else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"{flag} {path}: not valid {'JSON' if is_json else 'TOML'} ({error})") from None
+
+
 def one_line(message: str) -> str:
     """A multi-line message on one line: `head:` joins its list with spaces, other lines are joined by '; '."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]

@@ -22,13 +22,12 @@ import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.console import UserError, read_config_file
 
 CaptionFrom = Literal["file", "filename", "instance_prompt"]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -369,24 +368,10 @@ def _finish(path: Path, sources: list[tuple[str, SourceConfig]], notes: list[str
     return DataConfig(str(path), tuple(s for _, s in sources), tuple(notes))
 
 
-def _read_file(path: Path) -> object:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"--data_config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--data_config {path}: cannot be read ({error})") from None
-    try:
-        return json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-        raise UserError(f"--data_config {path}: not valid {kind} ({error})") from None
-
-
 def load_data_config(path: str | os.PathLike) -> DataConfig:
     """The sources of ``path`` (TOML, or JSON: our/kohya layout as an object, SimpleTuner's as a list)."""
     path = Path(path)
-    data = _read_file(path)
+    data = read_config_file(path, "--data_config")
     if isinstance(data, list):
         return _simpletuner_config(path, data)
     if not isinstance(data, dict):

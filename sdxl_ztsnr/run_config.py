@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sdxl_ztsnr.console import UserError
+from sdxl_ztsnr.console import UserError, read_config_file
 
 # What training_config.json leaves out: secrets.
 NOT_SAVED = ("hub_token",)
@@ -35,17 +33,7 @@ def saved_options(args: argparse.Namespace) -> dict:
 
 def _read_config_file(path: Path) -> dict:
     """A TOML or JSON file as one flat {key: value}: TOML sections are flattened (kohya's layout)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{CONFIG_FILE_FLAG} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{CONFIG_FILE_FLAG} {path}: cannot be read ({error})") from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-        raise UserError(f"{CONFIG_FILE_FLAG} {path}: not valid {kind} ({error})") from None
+    data = read_config_file(path, CONFIG_FILE_FLAG)
     if not isinstance(data, dict):
         raise UserError(f"{CONFIG_FILE_FLAG} {path}: must hold a table of options")
     flat: dict[str, tuple[str, object]] = {}  # key -> (where it was written, value)
